@@ -1,0 +1,42 @@
+# Two commands matter: `make demo` and `make test`. Each sets up what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install demo test lint services bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,cdc]'
+	touch $(STAMP)
+
+services:
+	bash scripts/ensure_rabbitmq.sh
+	bash scripts/ensure_postgres_logical.sh
+
+## Index the bundled sample corpus into the embedded store under ./data, then query it.
+demo: install
+	$(BIN)/feature-pipeline backfill data/samples/posts.jsonl data/samples/articles.jsonl data/samples/repositories.jsonl
+	$(BIN)/feature-pipeline search "How do I design a streaming feature pipeline?" --type articles -k 3
+	$(BIN)/feature-pipeline search "parse a JSON document" --type repositories -k 3
+
+## Run the whole test suite against the real broker, store and model.
+test: install services
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests bench scripts
+	$(BIN)/ruff format --check src tests bench scripts
+
+bench: install services
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) data/qdrant data/dead_letters.jsonl

@@ -1,0 +1,299 @@
+"""The `feature-pipeline` command: run, backfill, publish, search, counts (and cdc)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from feature_pipeline.settings import SettingsError, get_settings
+
+log = logging.getLogger("feature_pipeline")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="feature-pipeline",
+        description="Streaming feature pipeline: warehouse change events -> Qdrant features.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume the queue and keep Qdrant in sync (24/7)")
+    run.add_argument("-w", "--workers", type=int, default=1, help="worker threads per process")
+    run.add_argument("-i", "--process-id", type=int, default=None, help="this process's index")
+    run.add_argument(
+        "-a", "--addresses", default=None, help="host:port of every process, ';'-separated"
+    )
+    run.add_argument("--no-query-server", action="store_true", help="do not serve search/counts")
+    run.set_defaults(func=_cmd_run)
+
+    backfill = sub.add_parser("backfill", help="index JSON Lines files of documents or events")
+    backfill.add_argument("files", nargs="+", type=Path)
+    backfill.add_argument("--type", choices=_type_names(), help="data type of document lines")
+    backfill.add_argument(
+        "--dead-letters", type=Path, default=Path("data/dead_letters.jsonl"),
+        help="where rejected lines go (default: %(default)s)",
+    )
+    backfill.add_argument("-w", "--workers", type=int, default=1)
+    backfill.add_argument("--no-progress", action="store_true")
+    backfill.set_defaults(func=_cmd_backfill)
+
+    publish = sub.add_parser("publish", help="publish warehouse documents to the queue as events")
+    publish.add_argument("file", type=Path)
+    publish.add_argument("--type", choices=_type_names(), help="default: from the file name")
+    publish.add_argument("--op", choices=["insert", "update", "replace", "delete"], default="insert")
+    publish.add_argument(
+        "--course-shape", action="store_true",
+        help="publish the course's flat message straight to RABBITMQ_QUEUE, as its CDC does",
+    )
+    publish.set_defaults(func=_cmd_publish)
+
+    search = sub.add_parser("search", help="semantic search over the embedded chunks")
+    search.add_argument("text")
+    search.add_argument("--type", choices=_type_names(), default="posts")
+    search.add_argument("-k", type=int, default=5)
+    search.add_argument("--json", action="store_true", help="print hits as JSON")
+    search.set_defaults(func=_cmd_search)
+
+    counts = sub.add_parser("counts", help="points per collection")
+    counts.set_defaults(func=_cmd_counts)
+
+    try:
+        from feature_pipeline.cdc_cli import add_cdc_parser
+    except ImportError:  # the CDC extras are optional
+        pass
+    else:
+        add_cdc_parser(sub)
+    return parser
+
+
+def _type_names() -> list[str]:
+    from feature_pipeline.domain.types import DataType
+
+    return [t.value for t in DataType]
+
+
+# -- run ------------------------------------------------------------------------------------
+def _cmd_run(args: argparse.Namespace) -> int:
+    from bytewax.run import cli_main
+
+    from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
+    from feature_pipeline.connectors.qdrant.store import FeatureStore
+    from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
+    from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource, StopSignal
+    from feature_pipeline.dataflow import build_dataflow
+    from feature_pipeline.query_server import start_query_server
+
+    settings = get_settings()
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    addresses = args.addresses.split(";") if args.addresses else None
+    processes = len(addresses) if addresses else 1
+    if processes > 1 and not settings.qdrant_url:
+        raise ValueError(
+            "several processes cannot share the embedded store (QDRANT_PATH): "
+            "run a Qdrant server and set QDRANT_URL, or use --workers in one process"
+        )
+    stop = StopSignal()
+    _stop_on_signals(stop)
+    # Open the store and load the models before consuming, so a bad setting fails at start.
+    build_sync(settings)
+    if not args.no_query_server and settings.query_port:
+        start_query_server(settings, FeatureStore.open(settings))
+    flow = build_dataflow(
+        settings,
+        RabbitMQSource(settings, stop),
+        FeatureStoreSink(settings, partitions=args.workers * processes),
+        DeadLetterQueueSink(settings),
+    )
+    log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, args.workers, processes)
+    cli_main(
+        flow,
+        workers_per_process=args.workers,
+        process_id=args.process_id,
+        addresses=addresses,
+        epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
+    )
+    log.info("stopped")
+    return 0
+
+
+def _stop_on_signals(stop: Any) -> None:
+    def handle(signum: int, _frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: leave now; unacked messages are redelivered
+            os._exit(130)
+        log.info("received %s: finishing the batch in flight", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, handle)
+    signal.signal(signal.SIGTERM, handle)
+
+
+# -- backfill -------------------------------------------------------------------------------
+def _cmd_backfill(args: argparse.Namespace) -> int:
+    from bytewax.run import cli_main
+    from tqdm import tqdm
+
+    from feature_pipeline.connectors.files import DeadLetterFileSink, JsonLinesSource, count_lines
+    from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
+    from feature_pipeline.connectors.qdrant.store import FeatureStore
+    from feature_pipeline.dataflow import build_dataflow
+    from feature_pipeline.domain.types import DataType
+    from feature_pipeline.metrics import metrics
+
+    settings = get_settings()
+    data_type = DataType(args.type) if args.type else None
+    source = JsonLinesSource(args.files, data_type, batch_size=settings.batch_size)
+    build_sync(settings)
+    total = count_lines(args.files)
+    bar = tqdm(total=total, unit="doc", desc="indexing", disable=args.no_progress)
+    bar_lock = threading.Lock()
+
+    def advance(n: int) -> None:
+        with bar_lock:
+            bar.update(n)
+
+    flow = build_dataflow(
+        settings,
+        source,
+        FeatureStoreSink(settings, partitions=args.workers, on_written=advance),
+        DeadLetterFileSink(args.dead_letters, on_written=advance),
+        name="backfill",
+    )
+    started = time.perf_counter()
+    cli_main(flow, workers_per_process=args.workers, epoch_interval=timedelta(seconds=1))
+    bar.close()
+    elapsed = time.perf_counter() - started
+    done = metrics.snapshot()
+    print(
+        f"indexed {total} lines in {elapsed:.1f}s: {done['events_applied']} applied, "
+        f"{done['events_stale']} already up to date, {done['chunks_embedded']} chunks embedded, "
+        f"{done['chunks_reused']} reused, {done['dead_letters']} rejected"
+        + (f" (see {args.dead_letters})" if done["dead_letters"] else "")
+    )
+    _print_counts(FeatureStore.open(settings).counts())
+    return 0
+
+
+# -- publish --------------------------------------------------------------------------------
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from feature_pipeline.connectors.files import infer_type
+    from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
+    from feature_pipeline.domain.events import ChangeEvent, Op
+    from feature_pipeline.domain.types import DataType
+
+    settings = get_settings()
+    data_type = DataType(args.type) if args.type else infer_type(args.file)
+    if data_type is None:
+        raise ValueError(f"cannot tell the data type of {args.file}: pass --type")
+    op = Op(args.op)
+    count = 0
+    with EventPublisher(settings) as publisher, args.file.open(encoding="utf-8") as lines:
+        for line_no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            document = json.loads(line)
+            if "_id" not in document:
+                raise ValueError(f"{args.file}:{line_no}: a warehouse document needs an '_id'")
+            entry_id = str(document.pop("_id"))
+            if args.course_shape:
+                body = {**document, "type": data_type.value, "entry_id": entry_id}
+                publisher.publish_raw(json.dumps(body).encode())
+            else:
+                event = ChangeEvent(
+                    op=op,
+                    type=data_type,
+                    entry_id=entry_id,
+                    document=None if op is Op.DELETE else document,
+                    ts=time.time_ns(),
+                )
+                publisher.publish([event])
+            count += 1
+    target = settings.rabbitmq_queue if args.course_shape else f"{settings.rabbitmq_queue} (routed)"
+    print(f"published {count} {data_type.value} events to {target}")
+    return 0
+
+
+# -- search and counts ----------------------------------------------------------------------
+def _cmd_search(args: argparse.Namespace) -> int:
+    from feature_pipeline import queries
+    from feature_pipeline.domain.types import DataType
+
+    settings = get_settings()
+    data_type = DataType(args.type)
+    hits = _with_store_or_pipeline(
+        settings,
+        local=lambda store: queries.search(settings, store, args.text, data_type, args.k),
+        path="/search",
+        params={"q": args.text, "type": data_type.value, "k": args.k},
+    )
+    if args.json:
+        print(json.dumps(hits, indent=2, ensure_ascii=False))
+        return 0
+    if not hits:
+        print(f"no hits in {data_type.vector_collection}")
+    for rank, hit in enumerate(hits, 1):
+        content = " ".join(str(hit.get("content", "")).split())
+        where = hit.get("link") or hit.get("platform") or ""
+        print(f"{rank}. {hit['score']:.3f}  {hit.get('entry_id')} #{hit.get('chunk_index')}  {where}")
+        print(f"   {content[:240]}{'...' if len(content) > 240 else ''}")
+    return 0
+
+
+def _cmd_counts(args: argparse.Namespace) -> int:
+    from feature_pipeline import queries
+
+    settings = get_settings()
+    _print_counts(
+        _with_store_or_pipeline(settings, local=queries.counts, path="/counts", params={})
+    )
+    return 0
+
+
+def _with_store_or_pipeline(settings: Any, local: Any, path: str, params: dict[str, Any]) -> Any:
+    """Query the store directly; if a running pipeline holds the embedded store, ask it."""
+    from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
+    from feature_pipeline.query_server import ask_running_pipeline
+
+    try:
+        store = FeatureStore.open(settings)
+    except StoreLocked:
+        return ask_running_pipeline(settings, path, **params)
+    return local(store)
+
+
+def _print_counts(counts: dict[str, int]) -> None:
+    if not counts:
+        print("the store is empty (no collections yet)")
+    width = max((len(name) for name in counts), default=0)
+    for name, count in counts.items():
+        print(f"{name:<{width}}  {count:>7}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Qdrant: the feature store's collections and the Bytewax sink that keeps them in sync."""

@@ -1,0 +1,83 @@
+"""Bytewax sink writing document changes to the feature store, partitioned by document.
+
+Every change of a document is routed (by its key) to the same partition, which alone writes
+that document: its version check and its writes cannot race another partition's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from feature_pipeline.connectors.qdrant.store import FeatureStore
+from feature_pipeline.connectors.retry import retry_with_backoff
+from feature_pipeline.domain.changes import DocumentChange
+from feature_pipeline.domain.types import DataType
+from feature_pipeline.metrics import metrics
+from feature_pipeline.processing.embedding import get_embedder
+from feature_pipeline.settings import Settings
+from feature_pipeline.sync import FeatureSync
+
+log = logging.getLogger(__name__)
+
+#: Store failures worth retrying: the server is down, slow or restarting.
+STORE_ERRORS: tuple[type[BaseException], ...] = (
+    ResponseHandlingException,
+    UnexpectedResponse,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def build_sync(settings: Settings) -> FeatureSync:
+    """The process's sync logic: shared store, each data type's model loaded once."""
+    store = FeatureStore.open(settings)
+
+    def embedder_for(data_type: DataType):  # noqa: ANN202
+        return get_embedder(settings.model_for(data_type), settings.embedding_backend)
+
+    store.ensure_collections({t: embedder_for(t).dimension for t in DataType})
+    return FeatureSync(store, embedder_for, metrics, settings.embedding_batch_size)
+
+
+class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
+    def __init__(self, sync: FeatureSync, on_written: Callable[[int], None] | None) -> None:
+        self._sync = sync
+        self._on_written = on_written
+
+    def write_batch(self, items: list[DocumentChange]) -> None:
+        retry_with_backoff(
+            lambda: self._sync.apply(items), "writing to the feature store", retry_on=STORE_ERRORS
+        )
+        if self._on_written is not None:
+            self._on_written(len(items))
+
+    def snapshot(self) -> None:
+        return None
+
+
+class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
+    """Writes cleaned snapshots and embedded chunks; returns only once Qdrant has applied them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        partitions: int = 1,
+        on_written: Callable[[int], None] | None = None,
+    ) -> None:
+        if partitions < 1:
+            raise ValueError(f"partitions must be >= 1, got {partitions}")
+        self._settings = settings
+        self._partitions = partitions
+        self._on_written = on_written
+
+    def list_parts(self) -> list[str]:
+        return [f"features-{i}" for i in range(self._partitions)]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> _FeatureStorePartition:
+        return _FeatureStorePartition(build_sync(self._settings), self._on_written)

@@ -1,0 +1,1 @@
+"""RabbitMQ: queue topology, the event publisher and the Bytewax source."""

@@ -1,0 +1,119 @@
+"""Publishes change events and dead letters: persistent messages, publisher confirms, one connection."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+import pika
+from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
+from pika.exceptions import AMQPConnectionError
+
+from feature_pipeline.connectors.rabbitmq.topology import (
+    declare_topology,
+    router_exchange,
+    routing_key,
+)
+from feature_pipeline.domain.events import ChangeEvent
+from feature_pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+#: AMQP short strings cap header values; a reason longer than this is cut.
+MAX_REASON_CHARS = 4_000
+
+
+def connect(settings: Settings, *, attempts: int = 1, backoff_s: float = 1.0) -> BlockingConnection:
+    """Open a blocking connection, retrying with exponential backoff when the broker is down."""
+    params = pika.URLParameters(settings.rabbitmq_url)
+    params.heartbeat = settings.rabbitmq_heartbeat_s
+    params.blocked_connection_timeout = 300
+    delay = backoff_s
+    for attempt in range(1, attempts + 1):
+        try:
+            return pika.BlockingConnection(params)
+        except AMQPConnectionError as exc:
+            if attempt == attempts:
+                raise AMQPConnectionError(
+                    f"cannot reach RabbitMQ at {_redact(settings.rabbitmq_url)} "
+                    f"(RABBITMQ_URL) after {attempts} attempt(s): {exc!r}"
+                ) from exc
+            log.warning("broker unreachable (%r); retrying in %.1fs", exc, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+
+
+class EventPublisher:
+    """Publishes to the pipeline's topology; returns only once the broker confirmed each message."""
+
+    def __init__(self, settings: Settings, *, connect_attempts: int = 5) -> None:
+        self._settings = settings
+        self._connection = connect(settings, attempts=connect_attempts)
+        self._channel: BlockingChannel = self._connection.channel()
+        declare_topology(self._channel, settings)
+        self._channel.confirm_delivery()
+
+    def publish(self, events: Iterable[ChangeEvent], *, to_main_queue: bool = False) -> int:
+        """Publish events routed by document (or, like the course's CDC, to the main queue)."""
+        count = 0
+        for event in events:
+            self.publish_raw(event.to_json(), routing=None if to_main_queue else event)
+            count += 1
+        return count
+
+    def publish_raw(self, body: bytes, *, routing: ChangeEvent | None = None) -> None:
+        """Publish a body as is; routed by `routing`'s document when given, else to the main queue."""
+        if routing is not None and self._settings.shard_queues:
+            exchange = router_exchange(self._settings)
+            key = routing_key(routing.type.value, routing.entry_id)
+        else:
+            exchange, key = "", self._settings.rabbitmq_queue
+        self._channel.basic_publish(
+            exchange=exchange,
+            routing_key=key,
+            body=body,
+            properties=pika.BasicProperties(content_type=JSON, delivery_mode=2),
+            mandatory=True,
+        )
+
+    def publish_dead_letter(
+        self, body: bytes, *, reason: str, error_type: str, source_queue: str
+    ) -> None:
+        """Send an unprocessable message to the dead-letter queue with why, in its headers."""
+        headers = {
+            "x-error": reason[:MAX_REASON_CHARS],
+            "x-error-type": error_type,
+            "x-source-queue": source_queue,
+            "x-dead-lettered-at": int(time.time()),
+        }
+        self._channel.basic_publish(
+            exchange="",
+            routing_key=self._settings.dead_letter_queue,
+            body=body,
+            properties=pika.BasicProperties(delivery_mode=2, headers=headers),
+            mandatory=True,
+        )
+
+    def process_events(self) -> None:
+        """Serve heartbeats while idle."""
+        self._connection.process_data_events(time_limit=0)
+
+    def close(self) -> None:
+        if self._connection.is_open:
+            self._connection.close()
+
+    def __enter__(self) -> EventPublisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

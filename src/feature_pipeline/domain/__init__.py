@@ -1,0 +1,1 @@
+"""Domain models: data types, warehouse documents, change events and features."""

@@ -1,0 +1,1 @@
+"""Per-type processing steps (parse, clean, chunk, embed), found through the handler registry."""

@@ -1,0 +1,78 @@
+"""Turns one inbound message into a `DocumentChange` (parse, clean, chunk) or a `DeadLetter`."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+from pydantic import ValidationError
+
+import feature_pipeline.processing.handlers  # noqa: F401  (registers every data type's handlers)
+from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
+from feature_pipeline.domain.events import (
+    ChangeEvent,
+    InvalidEvent,
+    describe_validation_error,
+    parse_event,
+)
+from feature_pipeline.domain.types import DataType
+from feature_pipeline.processing.chunking import TokenSplitter, load_tokenizer
+from feature_pipeline.processing.embedding import resolve_model_path
+from feature_pipeline.processing.registry import MissingHandler, Step, registry
+from feature_pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class DocumentProcessor:
+    """Per-worker processing context: one tokenizer-backed splitter per data type."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    @cache  # noqa: B019  (one processor per worker, alive for the whole run)
+    def splitter_for(self, data_type: DataType) -> TokenSplitter:
+        tokenizer = load_tokenizer(resolve_model_path(self._settings.model_for(data_type)))
+        return TokenSplitter(
+            tokenizer,
+            max_tokens=self._settings.chunk_size_for(data_type),
+            overlap_tokens=self._settings.chunk_overlap,
+        )
+
+    def process(self, message: InboundMessage) -> DocumentChange | DeadLetter:
+        """Never raises for bad input: every problem with the message becomes a dead letter."""
+        try:
+            event = parse_event(message.body)
+            return self.process_event(event, source=message.source)
+        except InvalidEvent as exc:
+            return _dead_letter(message, "invalid_event", str(exc))
+        except ValidationError as exc:
+            return _dead_letter(message, "invalid_document", describe_validation_error(exc))
+        except MissingHandler as exc:
+            return _dead_letter(message, "unknown_type", str(exc))
+        except Exception as exc:  # a handler bug on one document must not stop the pipeline
+            log.exception("handler failed on a message from %s", message.source)
+            return _dead_letter(message, "handler_error", f"{type(exc).__name__}: {exc}")
+
+    def process_event(self, event: ChangeEvent, source: str = "") -> DocumentChange:
+        if event.is_delete:
+            return DocumentChange(
+                op=event.op, type=event.type, entry_id=event.entry_id, ts=event.ts, source=source
+            )
+        raw = registry.get(event.type, Step.PARSE)(event.document)
+        cleaned = registry.get(event.type, Step.CLEAN)(raw, event.entry_id)
+        chunks = registry.get(event.type, Step.CHUNK)(cleaned, self.splitter_for(event.type))
+        return DocumentChange(
+            op=event.op,
+            type=event.type,
+            entry_id=event.entry_id,
+            ts=event.ts,
+            cleaned=cleaned,
+            chunks=tuple(chunks),
+            source=source,
+        )
+
+
+def _dead_letter(message: InboundMessage, error_type: str, reason: str) -> DeadLetter:
+    log.warning("dead-lettering a message from %s: %s: %s", message.source, error_type, reason)
+    return DeadLetter(source=message.source, body=message.body, reason=reason, error_type=error_type)

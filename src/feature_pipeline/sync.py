@@ -1,0 +1,207 @@
+"""Applies processed document changes to the feature store so it stays equal to the warehouse.
+
+For one batch of changes (all owned by the calling sink partition):
+
+1. keep only the newest change of each document in the batch (each carries the whole document);
+2. skip changes whose version (`ts`) is not newer than the version stored for the document,
+   so a replayed older event never makes the store older (deletes leave a versioned tombstone);
+3. look up each chunk by its deterministic id; a chunk with the same text and model keeps its
+   stored vector, only the others are embedded, together, one model call per model;
+4. write the chunks, delete the document's other chunks, write (or delete) the cleaned snapshot,
+   and last the new version: a crash between these steps replays the change, and every step is
+   idempotent.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from qdrant_client import models
+
+from feature_pipeline.connectors.qdrant.store import SYNC_STATE_COLLECTION, FeatureStore, SyncState
+from feature_pipeline.domain.changes import DocumentChange, chunk_point_id, document_point_id
+from feature_pipeline.domain.features import Chunk
+from feature_pipeline.domain.types import DataType
+from feature_pipeline.metrics import Metrics
+from feature_pipeline.processing.embedding import Embedder
+
+
+@dataclass(frozen=True)
+class ApplyReport:
+    applied: int
+    superseded: int
+    stale: int
+    embedded: int
+    reused: int
+
+
+@dataclass
+class _PlannedChunk:
+    point_id: str
+    chunk: Chunk
+    model: str
+    vector: list[float] | None = None
+    #: Stored with this very payload already: nothing to write.
+    unchanged: bool = False
+
+    def payload(self) -> dict[str, object]:
+        return {**self.chunk.model_dump(mode="json"), "model": self.model}
+
+
+def newest_per_document(changes: Sequence[DocumentChange]) -> list[DocumentChange]:
+    """The last change of each document, in arrival order unless versions say otherwise."""
+    newest: dict[str, DocumentChange] = {}
+    for change in changes:
+        current = newest.get(change.key)
+        if current is None or not _is_older(change, current):
+            newest[change.key] = change
+    return list(newest.values())
+
+
+def _is_older(change: DocumentChange, current: DocumentChange) -> bool:
+    return change.ts is not None and current.ts is not None and change.ts <= current.ts
+
+
+def is_stale(change: DocumentChange, state: SyncState | None) -> bool:
+    """A change not newer than what the store holds; unversioned changes always apply."""
+    if state is None or state.version is None or change.ts is None:
+        return False
+    return change.ts <= state.version
+
+
+class FeatureSync:
+    """Keeps one store in sync; `embedder_for` gives the (process-wide) model of a data type."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        embedder_for: Callable[[DataType], Embedder],
+        metrics: Metrics,
+        embed_batch_size: int = 32,
+    ) -> None:
+        self._store = store
+        self._embedder_for = embedder_for
+        self._metrics = metrics
+        self._embed_batch_size = embed_batch_size
+
+    def apply(self, changes: Sequence[DocumentChange]) -> ApplyReport:
+        newest = newest_per_document(changes)
+        superseded = len(changes) - len(newest)
+        states = self._store.sync_states([document_point_id(c.type, c.entry_id) for c in newest])
+        todo = [
+            c for c in newest if not is_stale(c, states.get(document_point_id(c.type, c.entry_id)))
+        ]
+        stale = len(newest) - len(todo)
+
+        planned = {c.key: self._plan_chunks(c) for c in todo if c.cleaned is not None}
+        embedded, reused = self._fill_vectors([p for plan in planned.values() for p in plan])
+
+        by_type: dict[DataType, list[DocumentChange]] = defaultdict(list)
+        for change in todo:
+            by_type[change.type].append(change)
+        for data_type, type_changes in by_type.items():
+            self._write(data_type, type_changes, planned)
+        self._write_states(todo, states)
+
+        self._metrics.add("events_applied", len(todo))
+        self._metrics.add("events_superseded", superseded)
+        self._metrics.add("events_stale", stale)
+        self._metrics.add("chunks_embedded", embedded)
+        self._metrics.add("chunks_reused", reused)
+        return ApplyReport(len(todo), superseded, stale, embedded, reused)
+
+    def _plan_chunks(self, change: DocumentChange) -> list[_PlannedChunk]:
+        model = self._embedder_for(change.type).name
+        seen: Counter[str] = Counter()
+        plan = []
+        for chunk in change.chunks:
+            occurrence = seen[chunk.content_hash]
+            seen[chunk.content_hash] += 1
+            point_id = chunk_point_id(
+                change.type, change.entry_id, model, chunk.content_hash, occurrence
+            )
+            plan.append(_PlannedChunk(point_id=point_id, chunk=chunk, model=model))
+        return plan
+
+    def _fill_vectors(self, plan: list[_PlannedChunk]) -> tuple[int, int]:
+        """Reuse stored vectors where the chunk exists; embed the rest. Returns (embedded, reused)."""
+        by_type: dict[DataType, list[_PlannedChunk]] = defaultdict(list)
+        for item in plan:
+            by_type[item.chunk.type].append(item)
+        missing: dict[DataType, list[_PlannedChunk]] = {}
+        reused = 0
+        for data_type, items in by_type.items():
+            stored = self._store.chunks(data_type, [i.point_id for i in items])
+            for item in items:
+                existing = stored.get(item.point_id)
+                if existing is not None:
+                    item.vector = existing.vector
+                    item.unchanged = existing.payload == item.payload()
+                    reused += 1
+            missing[data_type] = [i for i in items if i.vector is None]
+        embedded = 0
+        for data_type, items in missing.items():
+            if not items:
+                continue
+            vectors = self._embedder_for(data_type).encode(
+                [i.chunk.content for i in items], batch_size=self._embed_batch_size
+            )
+            for item, vector in zip(items, vectors, strict=True):
+                item.vector = vector.tolist()
+            embedded += len(items)
+        return embedded, reused
+
+    def _write(
+        self,
+        data_type: DataType,
+        changes: list[DocumentChange],
+        planned: dict[str, list[_PlannedChunk]],
+    ) -> None:
+        chunk_points = [
+            models.PointStruct(
+                id=item.point_id,
+                vector=item.vector or [],
+                payload=item.payload(),
+            )
+            for change in changes
+            for item in planned.get(change.key, [])
+            if not item.unchanged
+        ]
+        self._store.upsert(data_type.vector_collection, chunk_points)
+        self._store.delete_chunks_except(
+            data_type,
+            {c.entry_id: [i.point_id for i in planned.get(c.key, [])] for c in changes},
+        )
+        cleaned_points = [
+            models.PointStruct(
+                id=document_point_id(data_type, c.entry_id),
+                vector={},
+                payload=c.cleaned.model_dump(mode="json"),
+            )
+            for c in changes
+            if c.cleaned is not None
+        ]
+        self._store.upsert(data_type.cleaned_collection, cleaned_points)
+        self._store.delete_ids(
+            data_type.cleaned_collection,
+            [document_point_id(data_type, c.entry_id) for c in changes if c.cleaned is None],
+        )
+
+    def _write_states(self, changes: list[DocumentChange], states: dict[str, SyncState]) -> None:
+        points = []
+        for change in changes:
+            point_id = document_point_id(change.type, change.entry_id)
+            previous = states.get(point_id)
+            # An unversioned change (the course's message shape) keeps the known version, so a
+            # replayed older versioned event still cannot win.
+            version = change.ts if change.ts is not None else (previous and previous.version)
+            payload = {
+                "type": change.type.value,
+                "entry_id": change.entry_id,
+                "version": version,
+                "deleted": change.cleaned is None,
+            }
+            points.append(models.PointStruct(id=point_id, vector={}, payload=payload))
+        self._store.upsert(SYNC_STATE_COLLECTION, points)
