@@ -56,7 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("files", nargs="+", type=Path)
     backfill.add_argument("--type", choices=_type_names(), help="data type of document lines")
     backfill.add_argument(
-        "--dead-letters", type=Path, default=Path("data/dead_letters.jsonl"),
+        "--dead-letters",
+        type=Path,
+        default=Path("data/dead_letters.jsonl"),
         help="where rejected lines go (default: %(default)s)",
     )
     backfill.add_argument("-w", "--workers", type=int, default=1)
@@ -66,9 +68,12 @@ def _build_parser() -> argparse.ArgumentParser:
     publish = sub.add_parser("publish", help="publish warehouse documents to the queue as events")
     publish.add_argument("file", type=Path)
     publish.add_argument("--type", choices=_type_names(), help="default: from the file name")
-    publish.add_argument("--op", choices=["insert", "update", "replace", "delete"], default="insert")
     publish.add_argument(
-        "--course-shape", action="store_true",
+        "--op", choices=["insert", "update", "replace", "delete"], default="insert"
+    )
+    publish.add_argument(
+        "--course-shape",
+        action="store_true",
         help="publish the course's flat message straight to RABBITMQ_QUEUE, as its CDC does",
     )
     publish.set_defaults(func=_cmd_publish)
@@ -131,7 +136,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         FeatureStoreSink(settings, partitions=args.workers * processes),
         DeadLetterQueueSink(settings),
     )
-    log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, args.workers, processes)
+    log.info(
+        "consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, args.workers, processes
+    )
     cli_main(
         flow,
         workers_per_process=args.workers,
@@ -260,7 +267,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
     for rank, hit in enumerate(hits, 1):
         content = " ".join(str(hit.get("content", "")).split())
         where = hit.get("link") or hit.get("platform") or ""
-        print(f"{rank}. {hit['score']:.3f}  {hit.get('entry_id')} #{hit.get('chunk_index')}  {where}")
+        print(
+            f"{rank}. {hit['score']:.3f}  {hit.get('entry_id')} #{hit.get('chunk_index')}  {where}"
+        )
         print(f"   {content[:240]}{'...' if len(content) > 240 else ''}")
     return 0
 

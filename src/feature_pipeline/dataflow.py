@@ -1,7 +1,7 @@
-"""The Bytewax dataflow: read messages -> process (parse, clean, chunk) -> write features.
+r"""The Bytewax dataflow: read messages -> process (parse, clean, chunk) -> write features.
 
-    source --process--> DocumentChange --key by document--> FeatureStoreSink (Qdrant)
-                    \--> DeadLetter    ------------------> dead-letter sink (queue or file)
+source --process--> DocumentChange --key by document--> FeatureStoreSink (Qdrant)
+                \--> DeadLetter    ------------------> dead-letter sink (queue or file)
 """
 
 from __future__ import annotations

@@ -43,7 +43,11 @@ class Metrics:
         lines = []
         for name, value in self.snapshot().items():
             full = f"feature_pipeline_{name}_total"
-            lines += [f"# HELP {full} {_DESCRIPTIONS[name]}", f"# TYPE {full} counter", f"{full} {value}"]
+            lines += [
+                f"# HELP {full} {_DESCRIPTIONS[name]}",
+                f"# TYPE {full} counter",
+                f"{full} {value}",
+            ]
         return "\n".join(lines) + "\n"
 
 

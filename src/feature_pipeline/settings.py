@@ -83,7 +83,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _overlap_smaller_than_chunks(self) -> Settings:
-        smallest = min(self.chunk_size_posts, self.chunk_size_articles, self.chunk_size_repositories)
+        smallest = min(
+            self.chunk_size_posts, self.chunk_size_articles, self.chunk_size_repositories
+        )
         if self.chunk_overlap >= smallest:
             raise ValueError(
                 f"CHUNK_OVERLAP ({self.chunk_overlap}) must be smaller than every CHUNK_SIZE_* "

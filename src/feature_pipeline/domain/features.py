@@ -5,9 +5,16 @@ Field names are the payload names the course's downstream pipelines already read
 
 from __future__ import annotations
 
+import hashlib
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from feature_pipeline.domain.types import DataType
+
+
+def content_hash(text: str) -> str:
+    """Short stable fingerprint of a chunk's text: the first 32 hex digits of its SHA-256."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 class _Frozen(BaseModel):

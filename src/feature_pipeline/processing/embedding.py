@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,6 @@ def get_embedder(model: str, backend: str) -> Embedder:
         return _cached_embedder(model, backend)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cached_embedder(model: str, backend: str) -> Embedder:
     return Embedder(model, backend)

@@ -75,4 +75,6 @@ class DocumentProcessor:
 
 def _dead_letter(message: InboundMessage, error_type: str, reason: str) -> DeadLetter:
     log.warning("dead-lettering a message from %s: %s: %s", message.source, error_type, reason)
-    return DeadLetter(source=message.source, body=message.body, reason=reason, error_type=error_type)
+    return DeadLetter(
+        source=message.source, body=message.body, reason=reason, error_type=error_type
+    )

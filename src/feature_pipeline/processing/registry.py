@@ -34,7 +34,9 @@ class HandlerRegistry:
         def decorate(handler: Handler) -> Handler:
             key = (data_type, step)
             if key in self._handlers:
-                raise ValueError(f"a {step.value!r} handler for {data_type.value!r} is already registered")
+                raise ValueError(
+                    f"a {step.value!r} handler for {data_type.value!r} is already registered"
+                )
             self._handlers[key] = handler
             return handler
 

@@ -16,8 +16,8 @@ from feature_pipeline.connectors.qdrant.store import FeatureStore
 from feature_pipeline.connectors.retry import retry_with_backoff
 from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.metrics import metrics
-from feature_pipeline.processing.embedding import get_embedder
+from feature_pipeline.metrics import Metrics, metrics
+from feature_pipeline.processing.embedding import Embedder, get_embedder
 from feature_pipeline.settings import Settings
 from feature_pipeline.sync import FeatureSync
 
@@ -32,15 +32,15 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def build_sync(settings: Settings) -> FeatureSync:
+def build_sync(settings: Settings, counters: Metrics = metrics) -> FeatureSync:
     """The process's sync logic: shared store, each data type's model loaded once."""
     store = FeatureStore.open(settings)
 
-    def embedder_for(data_type: DataType):  # noqa: ANN202
+    def embedder_for(data_type: DataType) -> Embedder:
         return get_embedder(settings.model_for(data_type), settings.embedding_backend)
 
     store.ensure_collections({t: embedder_for(t).dimension for t in DataType})
-    return FeatureSync(store, embedder_for, metrics, settings.embedding_batch_size)
+    return FeatureSync(store, embedder_for, counters, settings.embedding_batch_size)
 
 
 class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
@@ -77,7 +77,5 @@ class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
     def list_parts(self) -> list[str]:
         return [f"features-{i}" for i in range(self._partitions)]
 
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: None
-    ) -> _FeatureStorePartition:
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _FeatureStorePartition:
         return _FeatureStorePartition(build_sync(self._settings), self._on_written)

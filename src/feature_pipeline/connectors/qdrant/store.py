@@ -203,7 +203,9 @@ class FeatureStore:
             return
         clauses = []
         for entry_id, ids in keep.items():
-            match_doc = models.FieldCondition(key="entry_id", match=models.MatchValue(value=entry_id))
+            match_doc = models.FieldCondition(
+                key="entry_id", match=models.MatchValue(value=entry_id)
+            )
             clauses.append(
                 models.Filter(
                     must=[match_doc],
@@ -213,4 +215,3 @@ class FeatureStore:
         selector = models.FilterSelector(filter=models.Filter(should=clauses))
         with self._lock:
             self._client.delete(data_type.vector_collection, points_selector=selector, wait=True)
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -47,10 +48,8 @@ class _DeadLetterPartition(StatefulSinkPartition[DeadLetter, None]):
 
     def _drop_connection(self) -> None:
         if self._publisher is not None:
-            try:
+            with contextlib.suppress(AMQPError):
                 self._publisher.close()
-            except AMQPError:
-                pass
             self._publisher = None
 
     def snapshot(self) -> None:

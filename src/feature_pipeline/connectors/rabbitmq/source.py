@@ -175,9 +175,9 @@ class RabbitMQSource(FixedPartitionedSource[InboundMessage, None]):
     def list_parts(self) -> list[str]:
         return consumed_queues(self._settings)
 
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: None
-    ) -> _QueuePartition:
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _QueuePartition:
         if for_part not in self.list_parts():
-            raise ValueError(f"unknown queue partition {for_part!r}; expected one of {self.list_parts()}")
+            raise ValueError(
+                f"unknown queue partition {for_part!r}; expected one of {self.list_parts()}"
+            )
         return _QueuePartition(self._settings, for_part, self._stop)

@@ -46,7 +46,9 @@ def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
         return
     exchange = router_exchange(settings)
     try:
-        channel.exchange_declare(exchange=exchange, exchange_type=ROUTER_EXCHANGE_TYPE, durable=True)
+        channel.exchange_declare(
+            exchange=exchange, exchange_type=ROUTER_EXCHANGE_TYPE, durable=True
+        )
     except ChannelClosedByBroker as exc:
         raise TopologyError(
             f"the broker refused exchange {exchange!r} of type {ROUTER_EXCHANGE_TYPE}: {exc}. "

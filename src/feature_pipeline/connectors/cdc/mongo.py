@@ -1,0 +1,457 @@
+"""MongoDB CDC: a change stream over the warehouse collections, resumed from a saved token.
+
+The pymongo layer (`PyMongoWarehouse`) is kept thin: one `db.watch(...)` with
+`full_document="updateLookup"`, one `find()` per collection for the snapshot, one command for
+the cluster time. Everything else is pure and tested against scripted real-format change
+events: `map_change` (event -> envelope), `MongoSource` (snapshot hand-over, resume tokens,
+positions) and `classify_mongo_error` (history lost -> fail loudly).
+
+Position file (`--state-file`, JSON, replaced atomically)::
+
+    {"version": 1, "phase": "snapshot" | "streaming",
+     "start_at": {"t": <seconds>, "i": <increment>},   # cluster time the snapshot began at
+     "resume_token": <canonical extended JSON> | null}
+
+Snapshot (first start, `--snapshot`, or phase still "snapshot" after a crash): read the cluster
+time T0 and save phase "snapshot" first; copy every document as an insert with ts just below T0;
+once the broker confirmed all of them, save phase "streaming" and open the stream with
+`startAtOperationTime=T0`. Changes made during the copy are therefore streamed again with larger
+ts, and the pipeline's version guard absorbs the overlap. From then on the position is the
+resume token (`_id`) of the last change whose event was confirmed.
+
+`ts` is `clusterTime` as one integer: Timestamp(t, i) -> (t << 32) | i. Operations of one
+MongoDB transaction share a clusterTime, so two changes of one document inside a transaction
+carry the same ts (in commit order): the version guard must apply an event whose ts equals the
+stored one.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Protocol
+
+from bson import Timestamp, json_util
+from bson.decimal128 import Decimal128
+from bson.json_util import CANONICAL_JSON_OPTIONS
+from bson.objectid import ObjectId
+from pymongo import MongoClient
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
+
+from feature_pipeline.connectors.cdc.base import Batch, FatalCdcError, PositionLost
+from feature_pipeline.connectors.cdc.position import FilePositionStore
+from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.types import DataType
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+#: Server error codes meaning "this position can never be resumed".
+HISTORY_LOST_CODES = {
+    286: "ChangeStreamHistoryLost",
+    280: "ChangeStreamFatalError",
+    260: "InvalidResumeToken",
+    136: "CappedPositionLost",
+}
+#: Operations that end a watched collection's history: events cannot express them.
+INVALIDATING_OPS = frozenset({"drop", "rename", "dropDatabase", "invalidate"})
+DOCUMENT_OPS = {
+    "insert": Op.INSERT,
+    "update": Op.UPDATE,
+    "replace": Op.REPLACE,
+    "delete": Op.DELETE,
+}
+MAX_AWAIT_MS = 500
+
+
+class StreamInvalidated(FatalCdcError):
+    """A watched collection was dropped or renamed, or the stream was invalidated."""
+
+
+# --- Pure mapping ----------------------------------------------------------------------------
+
+
+def timestamp_to_int(ts: Timestamp) -> int:
+    """BSON Timestamp(t, i) -> (t << 32) | i: ordered exactly like the timestamps."""
+    return (ts.time << 32) | ts.inc
+
+
+def int_to_timestamp(value: int) -> Timestamp:
+    return Timestamp(value >> 32, value & 0xFFFFFFFF)
+
+
+def entry_id_of(value: Any) -> str:
+    """The warehouse `_id` as the event's `entry_id`: strings as they are, ObjectIds as hex."""
+    return value if isinstance(value, str) else str(value)
+
+
+def to_jsonable(value: Any) -> Any:
+    """BSON values -> JSON values the pipeline can read (ids and decimals become strings)."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, Timestamp):
+        return timestamp_to_int(value)
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return aware.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, ObjectId | Decimal128 | Decimal | uuid.UUID):
+        return str(value)
+    return str(value)
+
+
+def map_change(
+    change: Mapping[str, Any], collections: Mapping[str, DataType]
+) -> ChangeEvent | None:
+    """One change event -> one envelope event, or None when it needs no event.
+
+    Raises `StreamInvalidated` for drop/rename of a watched collection, dropDatabase and
+    invalidate: the feature store would keep documents the warehouse no longer has.
+    """
+    op_type = change["operationType"]
+    ns = change.get("ns") or {}
+    collection = ns.get("coll")
+    if op_type in INVALIDATING_OPS:
+        target = (change.get("to") or {}).get("coll")
+        if (
+            op_type in ("drop", "rename")
+            and collection not in collections
+            and target not in collections
+        ):
+            return None
+        what = f"{ns.get('db')}.{collection}" if collection else str(ns.get("db", "the stream"))
+        raise StreamInvalidated(
+            f"change stream event {op_type!r} on {what}: the pipeline still holds documents "
+            "the warehouse no longer has. Clear the pipeline's collections, then run "
+            "`cdc mongo --snapshot`."
+        )
+    op = DOCUMENT_OPS.get(op_type)
+    data_type = collections.get(collection) if collection is not None else None
+    if op is None or data_type is None:
+        return None  # DDL events (create, createIndexes, ...) or unwatched collections
+    entry_id = entry_id_of(change["documentKey"]["_id"])
+    ts = timestamp_to_int(change["clusterTime"])
+    if op is Op.DELETE:
+        return ChangeEvent(op=op, type=data_type, entry_id=entry_id, ts=ts)
+    full = change.get("fullDocument")
+    if full is None:
+        # updateLookup found nothing: the document was deleted after this update, and that
+        # delete is later in the stream.
+        return None
+    document = to_jsonable({k: v for k, v in full.items() if k != "_id"})
+    return ChangeEvent(op=op, type=data_type, entry_id=entry_id, document=document, ts=ts)
+
+
+def classify_mongo_error(exc: BaseException) -> PositionLost | None:
+    """A `PositionLost` for errors meaning the saved position can never be resumed."""
+    if isinstance(exc, OperationFailure) and exc.code in HISTORY_LOST_CODES:
+        return PositionLost(
+            f"the change stream cannot resume from the saved position "
+            f"({HISTORY_LOST_CODES[exc.code]}, code {exc.code}: {exc}); the oplog no longer "
+            "holds the changes since then. Run `cdc mongo --snapshot`."
+        )
+    return None
+
+
+def encode_token(token: Mapping[str, Any]) -> Any:
+    """A resume token as plain JSON that round-trips every BSON type exactly."""
+    return json.loads(json_util.dumps(token, json_options=CANONICAL_JSON_OPTIONS))
+
+
+def decode_token(data: Any) -> Mapping[str, Any]:
+    token: Mapping[str, Any] = json_util.loads(json.dumps(data))
+    return token
+
+
+# --- The pymongo layer -----------------------------------------------------------------------
+
+
+class ChangeStreamLike(Protocol):
+    def try_next(self) -> Mapping[str, Any] | None: ...
+
+    @property
+    def resume_token(self) -> Mapping[str, Any] | None: ...
+
+    def close(self) -> None: ...
+
+
+class Warehouse(Protocol):
+    """What the source needs from MongoDB."""
+
+    def cluster_time(self) -> Timestamp: ...
+
+    def watch(
+        self, *, resume_after: Mapping[str, Any] | None, start_at: Timestamp | None
+    ) -> ChangeStreamLike: ...
+
+    def documents(self, collection: str) -> Iterator[Mapping[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+class PyMongoWarehouse:
+    """The real MongoDB: a replica set or sharded cluster (change streams need an oplog)."""
+
+    def __init__(self, uri: str, db: str, collections: list[str]) -> None:
+        self._client: Any = MongoClient(uri, serverSelectionTimeoutMS=10_000, tz_aware=True)
+        self._db = self._client[db]
+        self._collections = collections
+
+    def cluster_time(self) -> Timestamp:
+        reply = self._db.command("ping")
+        operation_time = reply.get("operationTime")
+        if not isinstance(operation_time, Timestamp):
+            raise FatalCdcError(
+                "MongoDB returned no operationTime: change streams need a replica set or a "
+                "sharded cluster, not a standalone server"
+            )
+        return operation_time
+
+    def watch(
+        self, *, resume_after: Mapping[str, Any] | None, start_at: Timestamp | None
+    ) -> ChangeStreamLike:
+        watched = {"$in": self._collections}
+        pipeline = [
+            {
+                "$match": {
+                    "$or": [
+                        {"ns.coll": watched},
+                        {"to.coll": watched},
+                        {"operationType": {"$in": ["dropDatabase", "invalidate"]}},
+                    ]
+                }
+            }
+        ]
+        stream: ChangeStreamLike = self._db.watch(
+            pipeline,
+            full_document="updateLookup",
+            resume_after=resume_after,
+            start_at_operation_time=start_at if resume_after is None else None,
+            max_await_time_ms=MAX_AWAIT_MS,
+        )
+        return stream
+
+    def documents(self, collection: str) -> Iterator[Mapping[str, Any]]:
+        yield from self._db[collection].find({}, batch_size=1000)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# --- The source ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MongoConfig:
+    uri: str
+    db: str
+    #: collection name -> data type
+    collections: Mapping[str, DataType]
+    state_file: Path
+    snapshot: bool = False
+
+
+class MongoSource:
+    """The MongoDB change feed; positions are states of the position file (see module doc)."""
+
+    name = "mongo"
+    # Pymongo resumes a stream itself once after a resumable error; anything that still
+    # escapes, except a lost history, is retried by reopening from the saved token.
+    transient_errors: tuple[type[BaseException], ...] = (ConnectionFailure, OperationFailure)
+
+    def __init__(
+        self,
+        collections: Mapping[str, DataType],
+        store: FilePositionStore,
+        connect: Callable[[], Warehouse],
+        *,
+        snapshot: bool = False,
+        idle_save_every_s: float = 5.0,
+    ) -> None:
+        self.collections = dict(collections)
+        self.store = store
+        self._connect = connect
+        self._force_snapshot = snapshot
+        self._idle_save_every_s = idle_save_every_s
+        self._warehouse: Warehouse | None = None
+        self._stream: ChangeStreamLike | None = None
+        self._snapshot: Iterator[Batch[dict[str, Any]]] | None = None
+        self._state: dict[str, Any] = {}
+        self._max_events = 500
+        self._pending_error: FatalCdcError | None = None
+        self._last_save = 0.0
+
+    @classmethod
+    def from_config(cls, config: MongoConfig) -> MongoSource:
+        names = list(config.collections)
+        return cls(
+            config.collections,
+            FilePositionStore(config.state_file),
+            lambda: PyMongoWarehouse(config.uri, config.db, names),
+            snapshot=config.snapshot,
+        )
+
+    # -- lifecycle
+
+    def open(self) -> None:
+        self._pending_error = None
+        self._warehouse = self._connect()
+        state = self.store.load()
+        if self._force_snapshot or state is None or state.get("phase") != "streaming":
+            if state is not None and state.get("version") != STATE_VERSION:
+                raise FatalCdcError(f"{self.store.path}: unknown state version")
+            start_at = self._warehouse.cluster_time()
+            # Saved before any event: a crash during the copy restarts the snapshot.
+            self._state = {
+                "version": STATE_VERSION,
+                "phase": "snapshot",
+                "start_at": {"t": start_at.time, "i": start_at.inc},
+                "resume_token": None,
+            }
+            self.store.save(self._state)
+            log.info("mongo CDC: snapshot of %s from cluster time %s", self._names(), start_at)
+            self._snapshot = self._snapshot_batches(start_at)
+            return
+        self._state = state
+        self._snapshot = None
+        self._open_stream()
+
+    def close(self) -> None:
+        self._snapshot = None
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+        if self._warehouse is not None:
+            self._warehouse.close()
+            self._warehouse = None
+
+    def _open_stream(self) -> None:
+        token_data = self._state.get("resume_token")
+        token = decode_token(token_data) if token_data is not None else None
+        start = self._state["start_at"]
+        start_at = Timestamp(start["t"], start["i"])
+        try:
+            self._stream = self._require_warehouse().watch(
+                resume_after=token, start_at=None if token is not None else start_at
+            )
+        except PyMongoError as exc:
+            raise classify_mongo_error(exc) or exc from exc
+        where = "the saved resume token" if token is not None else f"cluster time {start_at}"
+        log.info("mongo CDC: streaming %s from %s", self._names(), where)
+
+    # -- reading
+
+    def read(self, max_events: int) -> Batch[dict[str, Any]]:
+        self._max_events = max_events
+        if self._snapshot is not None:
+            try:
+                return next(self._snapshot)
+            except StopIteration:
+                self._snapshot = None
+                self._open_stream()
+        if self._pending_error is not None:
+            raise self._pending_error
+        stream = self._require_stream()
+        events: list[ChangeEvent] = []
+        last_token: Mapping[str, Any] | None = None
+        for _ in range(max_events):
+            try:
+                change = stream.try_next()
+            except PyMongoError as exc:
+                raise classify_mongo_error(exc) or exc from exc
+            if change is None:
+                break
+            try:
+                event = map_change(change, self.collections)
+            except StreamInvalidated as exc:
+                if last_token is None:
+                    raise
+                # Publish and save what came before it; fail on the next read.
+                self._pending_error = exc
+                break
+            if event is not None:
+                events.append(event)
+            last_token = change["_id"]
+        if last_token is not None:
+            return Batch(events=events, position=self._streaming_state(last_token))
+        return Batch(events=[], position=self._idle_position(stream.resume_token))
+
+    def _idle_position(self, token: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        # The post-batch token moves with the cluster even when no watched collection
+        # changes; saving it now and then keeps it inside the oplog window.
+        if token is None:
+            return None
+        state = self._streaming_state(token)
+        if state == self._state or time.monotonic() - self._last_save < self._idle_save_every_s:
+            return None
+        return state
+
+    def save(self, position: dict[str, Any]) -> None:
+        self.store.save(position)
+        if self._state.get("phase") == "snapshot" and position["phase"] == "streaming":
+            self._force_snapshot = False
+            log.info("mongo CDC: snapshot complete; streaming changes")
+        self._state = position
+        self._last_save = time.monotonic()
+
+    def _streaming_state(self, token: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {
+            **self._state,
+            "phase": "streaming",
+            "resume_token": encode_token(token) if token is not None else None,
+        }
+
+    def _snapshot_batches(self, start_at: Timestamp) -> Iterator[Batch[dict[str, Any]]]:
+        # Just below the stream's start: every streamed change of a document wins over its copy.
+        ts = timestamp_to_int(start_at) - 1
+        warehouse = self._require_warehouse()
+        for collection, data_type in self.collections.items():
+            batch: list[ChangeEvent] = []
+            count = 0
+            for document in warehouse.documents(collection):
+                batch.append(
+                    ChangeEvent(
+                        op=Op.INSERT,
+                        type=data_type,
+                        entry_id=entry_id_of(document["_id"]),
+                        document=to_jsonable({k: v for k, v in document.items() if k != "_id"}),
+                        ts=ts,
+                    )
+                )
+                if len(batch) >= self._max_events:
+                    count += len(batch)
+                    yield Batch(events=batch)
+                    batch = []
+            if batch:
+                count += len(batch)
+                yield Batch(events=batch)
+            log.info("mongo CDC: snapshot of %s: %d documents", collection, count)
+        yield Batch(events=[], position=self._streaming_state(None))
+
+    # -- helpers
+
+    def _require_warehouse(self) -> Warehouse:
+        if self._warehouse is None:
+            raise RuntimeError("MongoSource is not open")
+        return self._warehouse
+
+    def _require_stream(self) -> ChangeStreamLike:
+        if self._stream is None:
+            raise RuntimeError("MongoSource has no open change stream")
+        return self._stream
+
+    def _names(self) -> str:
+        return ", ".join(self.collections)

@@ -1,0 +1,390 @@
+"""Token-aware splitting of text into chunks that fit the embedding model, with exact spans."""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path, PurePosixPath
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+#: Cut preferences for prose, best first: paragraph, line, sentence end, word.
+PROSE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", ". ", "! ", "? ", " ")
+#: Cut preferences for files of a language langchain has no separators for.
+DEFAULT_CODE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", " ")
+
+
+def load_tokenizer(model_path: str) -> Tokenizer:
+    """The model's fast tokenizer (`tokenizer.json`), without truncation or padding."""
+    tokenizer = Tokenizer.from_file(str(Path(model_path) / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TextSpan:
+    """A chunk: `text` is exactly the original text between `start` and `end`."""
+
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class _Separator:
+    """A separator string read as: leading whitespace, a core, trailing whitespace.
+
+    Where the cut goes: "\\n\\n" and " " cut inside the whitespace; ". " cuts after its core
+    (the period ends the chunk); "\\nclass " and "<div" cut before their core (it opens the
+    next chunk).
+    """
+
+    text: str
+    lead: int
+    core: int
+
+    @classmethod
+    def parse(cls, text: str) -> _Separator:
+        rest = text.lstrip()
+        core = rest.rstrip()
+        return cls(text=text, lead=len(text) - len(rest), core=len(core))
+
+    @property
+    def is_whitespace(self) -> bool:
+        return self.core == 0
+
+    @property
+    def cuts_after_core(self) -> bool:
+        return self.lead == 0 and self.core < len(self.text)
+
+
+class _Tokens:
+    """One tokenization of a text: token offsets and pre-tokenizer word of each token."""
+
+    def __init__(self, text: str, starts: list[int], ends: list[int], words: list[int]) -> None:
+        self.text = text
+        self.starts = starts
+        self.ends = ends
+        self.words = words
+        self.count = len(starts)
+
+    def boundary_for(self, separator: _Separator, position: int) -> int | None:
+        """The token boundary j (cut between tokens j-1 and j) of a separator found at position."""
+        if separator.is_whitespace:
+            j = bisect_left(self.starts, position + len(separator.text))
+            if 0 < j < self.count and self.ends[j - 1] <= position:
+                return j
+            return None
+        if separator.cuts_after_core:
+            cut = position + separator.core
+            i = bisect_left(self.ends, cut)
+            if i + 1 < self.count and self.ends[i] == cut:
+                return i + 1
+            return None
+        cut = position + separator.lead
+        j = bisect_left(self.starts, cut)
+        if 0 < j < self.count and self.starts[j] == cut:
+            return j
+        return None
+
+    def is_word_boundary(self, j: int) -> bool:
+        return j <= 0 or j >= self.count or self.words[j] != self.words[j - 1]
+
+
+class TokenSplitter:
+    """Split text into chunks of at most `max_tokens` word pieces (special tokens excluded)."""
+
+    def __init__(self, tokenizer: Tokenizer, max_tokens: int, overlap_tokens: int) -> None:
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        if not 0 <= overlap_tokens < max_tokens:
+            raise ValueError(
+                f"overlap_tokens must be in [0, max_tokens), got {overlap_tokens} "
+                f"for max_tokens={max_tokens}"
+            )
+        if tokenizer.truncation is not None or tokenizer.padding is not None:
+            # A truncated encoding would silently drop the end of the text; work on a copy.
+            tokenizer = Tokenizer.from_str(tokenizer.to_str())
+            tokenizer.no_truncation()
+            tokenizer.no_padding()
+        self.tokenizer = tokenizer
+        self.max_tokens = max_tokens
+        self.overlap_tokens = overlap_tokens
+        # Below half a chunk, a cut at a good separator is not worth a tiny chunk.
+        self._min_fill = max(1, max_tokens // 2)
+        self._word_local = _is_word_local(tokenizer)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def split(
+        self,
+        text: str,
+        separators: Sequence[str] = PROSE_SEPARATORS,
+        offset: int = 0,
+        *,
+        keep_indentation: bool = False,
+    ) -> list[TextSpan]:
+        """Chunks covering every non-whitespace character of `text`, spans shifted by `offset`.
+
+        Chunks are stripped of surrounding whitespace; with `keep_indentation` (for code) a chunk
+        that begins a line keeps that line's leading indentation.
+        """
+        if not text.strip():
+            return []
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        offsets = encoding.offsets
+        if not offsets:
+            # Only characters the tokenizer ignores (control characters): zero tokens, one chunk.
+            start, end = _trim(text, 0, len(text), keep_indentation)
+            return [TextSpan(start + offset, end + offset, text[start:end])]
+        starts, ends = zip(*offsets, strict=True)
+        # Only special tokens have no word, and they are not added here.
+        words = [-1 if word is None else word for word in encoding.word_ids]
+        tokens = _Tokens(text, starts=list(starts), ends=list(ends), words=words)
+        # "" (langchain's "cut anywhere") is what the token-boundary fallback already does.
+        parsed = [_Separator.parse(s) for s in separators if s]
+        return [
+            TextSpan(start + offset, end + offset, text[start:end])
+            for start, end in self._pack(tokens, parsed, keep_indentation)
+        ]
+
+    def _pack(
+        self, tokens: _Tokens, separators: list[_Separator], keep_indentation: bool
+    ) -> list[tuple[int, int]]:
+        """Greedy packing over token indexes; returns trimmed character ranges."""
+        ranges: list[tuple[int, int]] = []
+        first, previous_last = 0, 0
+        while True:
+            last = self._choose_end(tokens, separators, first, previous_last)
+            start, end = _char_range(tokens, first, last, keep_indentation)
+            excess = 0
+            while self._needs_check(tokens, first, last):
+                excess = self.count_tokens(tokens.text[start:end]) - self.max_tokens
+                if excess <= 0 or last - first == 1:
+                    break
+                # Cutting inside a word can re-tokenize into more pieces than the slice had.
+                last = max(first + 1, last - excess)
+                start, end = _char_range(tokens, first, last, keep_indentation)
+            if excess > 0:
+                # A lone word piece that re-tokenizes past a tiny limit: cut it by characters.
+                ranges.extend(self._split_characters(tokens.text, start, end))
+            else:
+                ranges.append((start, end))
+            if last >= tokens.count:
+                return ranges
+            if excess > 0:
+                first = previous_last = last
+                continue
+            first, previous_last = self._choose_next_start(tokens, separators, first, last), last
+
+    def _split_characters(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
+        ranges = []
+        while start < end:
+            cut = start + 1
+            while cut < end and self.count_tokens(text[start : cut + 1]) <= self.max_tokens:
+                cut += 1
+            piece = _trim(text, start, cut, keep_indentation=False)
+            if piece[0] < piece[1]:
+                ranges.append(piece)
+            start = cut
+        return ranges
+
+    def _choose_end(
+        self, tokens: _Tokens, separators: list[_Separator], first: int, previous_last: int
+    ) -> int:
+        """Exclusive end token of the chunk that starts at token `first`."""
+        hi = first + self.max_tokens
+        if hi >= tokens.count:
+            return tokens.count
+        # Each chunk must reach past the previous one, or it would only repeat the overlap.
+        lo = min(hi, max(first + self._min_fill, previous_last + 1))
+        return _best_boundary(tokens, separators, lo, hi, target=hi)
+
+    def _choose_next_start(
+        self, tokens: _Tokens, separators: list[_Separator], first: int, last: int
+    ) -> int:
+        if self.overlap_tokens == 0 or last - first <= 1:
+            return last
+        target = max(first + 1, last - self.overlap_tokens)
+        slack = max(1, self.overlap_tokens // 2)
+        lo = max(first + 1, target - slack)
+        hi = min(last - 1, target + slack)
+        return _best_boundary(tokens, separators, lo, hi, target=target)
+
+    def _needs_check(self, tokens: _Tokens, first: int, last: int) -> bool:
+        # With a word-local tokenizer, a slice that starts and ends between words tokenizes
+        # exactly as it did inside the whole text, so only cuts inside a word are re-counted.
+        if not self._word_local:
+            return True
+        return not (tokens.is_word_boundary(first) and tokens.is_word_boundary(last))
+
+
+def _char_range(tokens: _Tokens, first: int, last: int, keep_indentation: bool) -> tuple[int, int]:
+    """Trimmed character range of tokens [first, last)."""
+    # The range runs from the previous token's end to the next token's start, so characters
+    # that make no token (control characters, stripped accents) still land in a chunk.
+    start = 0 if first == 0 else min(tokens.ends[first - 1], tokens.starts[first])
+    end = len(tokens.text) if last >= tokens.count else tokens.starts[last]
+    end = max(end, tokens.ends[last - 1])
+    return _trim(tokens.text, start, end, keep_indentation)
+
+
+def _best_boundary(
+    tokens: _Tokens, separators: list[_Separator], lo: int, hi: int, target: int
+) -> int:
+    """The boundary in [lo, hi] at the best separator, nearest `target`; else a word/token cut."""
+    text = tokens.text
+    for separator in separators:
+        size = len(separator.text)
+        begin = max(0, tokens.ends[lo - 1] - size)
+        stop = min(len(text), tokens.starts[hi] + size)
+        best: int | None = None
+        position = text.rfind(separator.text, begin, stop)
+        while position >= 0:
+            j = tokens.boundary_for(separator, position)
+            if j is not None and lo <= j <= hi:
+                if best is None or abs(j - target) < abs(best - target):
+                    best = j
+                elif abs(j - target) > abs(best - target):
+                    break
+            elif j is not None and j < lo:
+                break
+            position = text.rfind(separator.text, begin, position + size - 1)
+        if best is not None:
+            return best
+    words = [j for j in range(lo, hi + 1) if tokens.is_word_boundary(j)]
+    if words:
+        return min(words, key=lambda j: (abs(j - target), -j))
+    return target
+
+
+def _trim(text: str, start: int, end: int, keep_indentation: bool) -> tuple[int, int]:
+    """Move start/end past surrounding whitespace (but not the first line's indentation)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    if not keep_indentation:
+        return start, end
+    line_start = text.rfind("\n", 0, start) + 1
+    if line_start < start and text[line_start:start].isspace():
+        start = line_start
+    return start, end
+
+
+def _is_word_local(tokenizer: Tokenizer) -> bool:
+    """Whether tokenization never crosses a pre-tokenizer word (BERT WordPiece, as MiniLM's)."""
+    return (
+        isinstance(tokenizer.model, models.WordPiece)
+        and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
+        and isinstance(tokenizer.normalizer, normalizers.BertNormalizer | None)
+    )
+
+
+# File extension -> name of the langchain_text_splitters.Language member.
+_LANGUAGE_BY_SUFFIX: dict[str, str] = {
+    ".py": "PYTHON",
+    ".pyi": "PYTHON",
+    ".js": "JS",
+    ".jsx": "JS",
+    ".mjs": "JS",
+    ".cjs": "JS",
+    ".ts": "TS",
+    ".tsx": "TS",
+    ".go": "GO",
+    ".java": "JAVA",
+    ".kt": "KOTLIN",
+    ".kts": "KOTLIN",
+    ".c": "C",
+    ".h": "C",
+    ".cc": "CPP",
+    ".cpp": "CPP",
+    ".cxx": "CPP",
+    ".hpp": "CPP",
+    ".hh": "CPP",
+    ".cs": "CSHARP",
+    ".php": "PHP",
+    ".proto": "PROTO",
+    ".rst": "RST",
+    ".rb": "RUBY",
+    ".rs": "RUST",
+    ".scala": "SCALA",
+    ".swift": "SWIFT",
+    ".md": "MARKDOWN",
+    ".markdown": "MARKDOWN",
+    ".tex": "LATEX",
+    ".html": "HTML",
+    ".htm": "HTML",
+    ".sol": "SOL",
+    ".lua": "LUA",
+    ".r": "R",
+    ".hs": "HASKELL",
+    ".ex": "ELIXIR",
+    ".exs": "ELIXIR",
+    ".ps1": "POWERSHELL",
+    ".cob": "COBOL",
+    ".cbl": "COBOL",
+}
+
+
+def code_separators_for(path: str) -> list[str]:
+    """Cut preferences for a source file, from langchain's per-language separators."""
+    language = _LANGUAGE_BY_SUFFIX.get(PurePosixPath(path).suffix.lower())
+    if language is None:
+        return list(DEFAULT_CODE_SEPARATORS)
+    return list(_language_separators(language))
+
+
+@cache
+def _language_separators(language_name: str) -> tuple[str, ...]:
+    from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
+
+    language = getattr(Language, language_name, None)
+    if language is None:
+        return DEFAULT_CODE_SEPARATORS
+    try:
+        patterns = RecursiveCharacterTextSplitter.get_separators_for_language(language)
+    except ValueError:  # a Language member without separators in this langchain version
+        return DEFAULT_CODE_SEPARATORS
+    separators: list[str] = []
+    for pattern in patterns:
+        for literal in regex_to_literals(pattern):
+            if literal and literal not in separators:
+                separators.append(literal)
+    separators.extend(s for s in DEFAULT_CODE_SEPARATORS if s not in separators)
+    return tuple(separators)
+
+
+def regex_to_literals(pattern: str) -> list[str]:
+    """Plain strings for one of langchain's separator regexes (it splits with is_separator_regex).
+
+    Only the forms langchain uses are understood: `\\x` escapes, `{m,n}` repeats (expanded, fewest
+    first) and `+`/`*` (the literal stops at the repeated atom: "\\n---+\\n" -> "\\n---"). Other
+    characters, including an unescaped ".", are taken literally, which is what the patterns mean.
+    """
+    literals = [""]
+    index = 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\" and index + 1 < len(pattern):
+            atom, index = pattern[index + 1], index + 2
+        else:
+            atom, index = char, index + 1
+        following = pattern[index] if index < len(pattern) else ""
+        if following == "{" and "}" in pattern[index:]:
+            close = pattern.index("}", index)
+            low, _, high = pattern[index + 1 : close].partition(",")
+            counts = range(int(low), int(high or low) + 1)
+            literals = [literal + atom * count for count in counts for literal in literals]
+            index = close + 1
+        elif following == "+":
+            return [literal + atom for literal in literals]
+        elif following == "*":
+            return literals
+        else:
+            literals = [literal + atom for literal in literals]
+    return literals

@@ -1,0 +1,72 @@
+"""Shared fixtures: offline model loading, a fresh queue topology and store per test."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pika
+import pytest
+
+from feature_pipeline.connectors.qdrant.store import close_stores
+from feature_pipeline.connectors.rabbitmq.topology import router_exchange
+from feature_pipeline.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "data" / "samples"
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Iterator[Settings]:
+    """Settings with a queue topology and an embedded store of this test's own."""
+    queue = f"test-{uuid.uuid4().hex[:12]}"
+    settings = load_settings(
+        _env_file=None,
+        rabbitmq_queue=queue,
+        rabbitmq_shards=2,
+        qdrant_path=tmp_path / "qdrant",
+        batch_max_wait_ms=10,
+        epoch_interval_ms=200,
+        query_port=0,
+    )
+    yield settings
+    close_stores()
+    delete_topology(settings)
+
+
+def delete_topology(settings: Settings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    channel = connection.channel()
+    for queue in [settings.rabbitmq_queue, settings.dead_letter_queue, *settings.shard_queues]:
+        channel.queue_delete(queue=queue)
+    channel.exchange_delete(exchange=router_exchange(settings))
+    connection.close()
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a subprocess use these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "QDRANT_"))}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            env[name.upper()] = str(value)
+    return env
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -1,0 +1,106 @@
+"""Runs `feature-pipeline run` as a real subprocess for end-to-end tests, and watches it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from feature_pipeline.settings import Settings
+
+from .conftest import free_port, settings_env
+
+
+@dataclass
+class PipelineProcess:
+    settings: Settings
+    log_path: Path
+    workers: int = 1
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> PipelineProcess:
+        env = settings_env(self.settings)
+        env["QUERY_PORT"] = str(self.port)
+        env["LOG_LEVEL"] = "INFO"
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "feature_pipeline.cli", "run", "--workers", str(self.workers)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+        return self
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                self.counts()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError(f"pipeline did not start; log:\n{self.log()}")
+
+    def counts(self) -> dict[str, int]:
+        return self._get("/counts")
+
+    def metrics(self) -> dict[str, float]:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            text = response.read().decode()
+        return {
+            line.split()[0].removeprefix("feature_pipeline_").removesuffix("_total"): float(
+                line.split()[1]
+            )
+            for line in text.splitlines()
+            if line and not line.startswith("#")
+        }
+
+    def search(self, text: str, data_type: str, k: int = 5) -> list[dict]:
+        query = urllib.parse.urlencode({"q": text, "type": data_type, "k": k})
+        return self._get(f"/search?{query}")
+
+    def _get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=60) as response:
+            return json.loads(response.read())
+
+    def wait_for(self, predicate, timeout_s: float = 180, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self._check_alive()
+            if predicate(self):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"timed out waiting for {what}; log tail:\n{self.log()[-4000:]}")
+
+    def _check_alive(self) -> None:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(
+                f"pipeline exited with {self.process.returncode}; log:\n{self.log()}"
+            )
+
+    def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM: finish the epoch in flight, ack it, exit."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout_s)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,604 @@
+"""MongoDB CDC against a scripted change stream of real-format events, and the real broker.
+
+No MongoDB server can be installed here, so `ScriptedMongo` plays the server's part: an oplog
+of change events in MongoDB's exact format (`_id` resume tokens, `clusterTime` BSON
+Timestamps, `ns`, `documentKey`, `fullDocument` looked up at read time like "updateLookup"),
+resume semantics (resumeAfter / startAtOperationTime, code 286 once a token left the oplog).
+The broker, the publisher and the position file are the real ones.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+from bson import Timestamp
+from bson.decimal128 import Decimal128
+from bson.objectid import ObjectId
+from pymongo.errors import OperationFailure
+
+from feature_pipeline.connectors.cdc.base import CdcStats, PositionLost, run_cdc
+from feature_pipeline.connectors.cdc.mongo import (
+    MongoSource,
+    StreamInvalidated,
+    classify_mongo_error,
+    int_to_timestamp,
+    map_change,
+    timestamp_to_int,
+)
+from feature_pipeline.connectors.cdc.position import FilePositionStore, PositionFileError
+from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
+from feature_pipeline.connectors.rabbitmq.topology import declare_topology
+from feature_pipeline.domain.events import ChangeEvent, Op, parse_event
+from feature_pipeline.domain.types import DataType
+from feature_pipeline.settings import Settings, load_settings
+
+from .conftest import delete_topology
+
+COLLECTIONS = {t.value: t for t in DataType}
+NS_DB = "twin"
+WALL = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
+
+
+def token(ts: Timestamp, n: int = 0) -> dict[str, str]:
+    """A resume token shaped like the server's: KeyString hex starting with the cluster time."""
+    return {"_data": f"82{ts.time:08X}{ts.inc:08X}2B0229296E04{n:04X}5A1004"}
+
+
+# --- the scripted server ---------------------------------------------------------------------
+
+
+class ScriptedMongo:
+    """An oplog of change events plus the collections' current documents."""
+
+    def __init__(self) -> None:
+        self.oplog: list[dict[str, Any]] = []
+        self.docs: dict[str, dict[Any, dict[str, Any]]] = {c: {} for c in [*COLLECTIONS, "other"]}
+        self.time = 1_700_000_000
+        self.inc = 0
+        self.rolled_over = 0  # oplog entries before this index are gone
+        self.watch_calls: list[dict[str, Any]] = []
+        #: Called once per document the snapshot copies: writes "during" the snapshot.
+        self.on_copy: Callable[[], None] | None = None
+
+    def now(self) -> Timestamp:
+        self.inc += 1
+        return Timestamp(self.time, self.inc)
+
+    def _log(self, op: str, coll: str | None, **fields: Any) -> None:
+        ts = self.now()
+        event: dict[str, Any] = {
+            "_id": token(ts, len(self.oplog)),
+            "operationType": op,
+            "clusterTime": ts,
+            "wallTime": WALL,
+        }
+        if coll is not None:
+            event["ns"] = {"db": NS_DB, "coll": coll}
+        event.update(fields)
+        self.oplog.append(event)
+
+    def insert(self, coll: str, doc: dict[str, Any]) -> None:
+        self.docs[coll][doc["_id"]] = dict(doc)
+        self._log("insert", coll, fullDocument=dict(doc), documentKey={"_id": doc["_id"]})
+
+    def update(self, coll: str, _id: Any, **fields: Any) -> None:
+        self.docs[coll][_id].update(fields)
+        self._log(
+            "update",
+            coll,
+            documentKey={"_id": _id},
+            updateDescription={"updatedFields": fields, "removedFields": [], "truncatedArrays": []},
+        )
+
+    def replace(self, coll: str, doc: dict[str, Any]) -> None:
+        self.docs[coll][doc["_id"]] = dict(doc)
+        self._log("replace", coll, fullDocument=dict(doc), documentKey={"_id": doc["_id"]})
+
+    def delete(self, coll: str, _id: Any) -> None:
+        del self.docs[coll][_id]
+        self._log("delete", coll, documentKey={"_id": _id})
+
+    def drop(self, coll: str) -> None:
+        self.docs[coll] = {}
+        self._log("drop", coll)
+
+    def connect(self) -> ScriptedWarehouse:
+        return ScriptedWarehouse(self)
+
+
+class ScriptedStream:
+    def __init__(self, server: ScriptedMongo, position: int) -> None:
+        self.server = server
+        self.position = position
+        self._token: Mapping[str, Any] | None = None
+
+    def try_next(self) -> Mapping[str, Any] | None:
+        if self.position >= len(self.server.oplog):
+            return None
+        event = dict(self.server.oplog[self.position])
+        self.position += 1
+        if event["operationType"] == "update":  # updateLookup: the document as it is now
+            coll, _id = event["ns"]["coll"], event["documentKey"]["_id"]
+            current = self.server.docs[coll].get(_id)
+            event["fullDocument"] = dict(current) if current is not None else None
+        self._token = event["_id"]
+        return event
+
+    @property
+    def resume_token(self) -> Mapping[str, Any] | None:
+        # Idle: the post-batch token, i.e. the newest oplog entry the stream has passed.
+        if self.position >= len(self.server.oplog) and self.server.oplog:
+            return self.server.oplog[-1]["_id"]
+        return self._token
+
+    def close(self) -> None:
+        pass
+
+
+class ScriptedWarehouse:
+    def __init__(self, server: ScriptedMongo) -> None:
+        self.server = server
+
+    def cluster_time(self) -> Timestamp:
+        return self.server.now()
+
+    def watch(
+        self, *, resume_after: Mapping[str, Any] | None, start_at: Timestamp | None
+    ) -> ScriptedStream:
+        server = self.server
+        server.watch_calls.append({"resume_after": resume_after, "start_at": start_at})
+        oplog = server.oplog
+        if resume_after is not None:
+            index = next((i for i, e in enumerate(oplog) if e["_id"] == resume_after), None)
+            if index is None or index < server.rolled_over:
+                raise OperationFailure(
+                    "Executor error during getMore :: caused by :: Resume of change stream was "
+                    "not possible, as the resume point may no longer be in the oplog.",
+                    code=286,
+                )
+            return ScriptedStream(server, index + 1)
+        assert start_at is not None
+        index = next((i for i, e in enumerate(oplog) if e["clusterTime"] >= start_at), len(oplog))
+        return ScriptedStream(server, index)
+
+    def documents(self, collection: str) -> Iterator[Mapping[str, Any]]:
+        for doc in list(self.server.docs[collection].values()):
+            yield dict(doc)
+            if self.server.on_copy is not None:
+                self.server.on_copy()
+
+    def close(self) -> None:
+        pass
+
+
+# --- broker helpers --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings() -> Iterator[Settings]:
+    settings = load_settings(
+        _env_file=None, rabbitmq_queue=f"test-cdc-{uuid.uuid4().hex[:12]}", rabbitmq_shards=2
+    )
+    # Declared up front, as the pipeline would have: the tests drain queues before any publish.
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    declare_topology(connection.channel(), settings)
+    connection.close()
+    yield settings
+    delete_topology(settings)
+
+
+def drain(settings: Settings) -> list[ChangeEvent]:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    channel = connection.channel()
+    events = []
+    for queue in [settings.rabbitmq_queue, *settings.shard_queues]:
+        while True:
+            method, _props, body = channel.basic_get(queue=queue, auto_ack=True)
+            if method is None:
+                break
+            events.append(parse_event(body))
+    connection.close()
+    return events
+
+
+def final_state(events: list[ChangeEvent]) -> dict[tuple[DataType, str], Any]:
+    """What the pipeline holds after its version guard (apply when ts >= stored ts)."""
+    versions: dict[tuple[DataType, str], tuple[int, Any]] = {}
+    for event in events:
+        key = (event.type, event.entry_id)
+        assert event.ts is not None
+        if key not in versions or event.ts >= versions[key][0]:
+            versions[key] = (event.ts, event.document)
+    return {k: doc for k, (_ts, doc) in versions.items() if doc is not None}
+
+
+def warehouse_state(server: ScriptedMongo) -> dict[tuple[DataType, str], Any]:
+    return {
+        (COLLECTIONS[coll], str(_id)): {k: v for k, v in doc.items() if k != "_id"}
+        for coll, docs in server.docs.items()
+        if coll in COLLECTIONS
+        for _id, doc in docs.items()
+    }
+
+
+def run_until(
+    source: MongoSource,
+    settings: Settings,
+    done: Callable[[], bool],
+    *,
+    publisher_factory: Callable[[Settings], EventPublisher] = EventPublisher,
+) -> CdcStats:
+    """Run the real loop on a thread until `done()`, then stop it like SIGTERM does."""
+    stop = threading.Event()
+    stats = CdcStats()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run_cdc(
+                source,
+                settings,
+                stop,
+                publisher_factory=publisher_factory,
+                stats=stats,
+                idle_wait_s=0.01,
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not done() and not errors and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join(timeout=10)
+    if errors:
+        raise errors[0]
+    assert done(), "timed out"
+    return stats
+
+
+def streaming(path: Path) -> bool:
+    """The snapshot is done: the position file says so."""
+    return path.exists() and json.loads(path.read_text())["phase"] == "streaming"
+
+
+def make_source(server: ScriptedMongo, path: Path, *, snapshot: bool = False) -> MongoSource:
+    return MongoSource(
+        COLLECTIONS, FilePositionStore(path), server.connect, snapshot=snapshot, idle_save_every_s=0
+    )
+
+
+# --- pure mapping ----------------------------------------------------------------------------
+
+
+def test_every_document_event_kind_maps_to_its_envelope() -> None:
+    oid = ObjectId("65f1a2b3c4d5e6f708192a3b")
+    ts = Timestamp(1_714_564_800, 7)
+    ns = {"db": NS_DB, "coll": "articles"}
+    full = {
+        "_id": oid,
+        "platform": "medium",
+        "link": "https://medium.com/a",
+        "content": {"Title": "T", "Content": "body"},
+        "author_id": "5e8f8f8f-0000-4000-8000-000000000001",
+        "created": dt.datetime(2024, 5, 1, 12, 0),
+        "ref": ObjectId("65f1a2b3c4d5e6f708192a3c"),
+        "score": Decimal128("1.50"),
+        "tags": ["a", "b"],
+    }
+    expected_doc = {
+        "platform": "medium",
+        "link": "https://medium.com/a",
+        "content": {"Title": "T", "Content": "body"},
+        "author_id": "5e8f8f8f-0000-4000-8000-000000000001",
+        "created": "2024-05-01T12:00:00+00:00",
+        "ref": "65f1a2b3c4d5e6f708192a3c",
+        "score": "1.50",
+        "tags": ["a", "b"],
+    }
+    base = {"_id": token(ts), "clusterTime": ts, "wallTime": WALL, "ns": ns}
+    key = {"documentKey": {"_id": oid}}
+    insert = {**base, **key, "operationType": "insert", "fullDocument": full}
+    update = {
+        **base,
+        **key,
+        "operationType": "update",
+        "updateDescription": {"updatedFields": {"platform": "medium"}, "removedFields": []},
+        "fullDocument": full,
+    }
+    replace = {**base, **key, "operationType": "replace", "fullDocument": full}
+    delete = {**base, **key, "operationType": "delete"}
+    ts_int = (1_714_564_800 << 32) | 7
+
+    for change, op in ((insert, Op.INSERT), (update, Op.UPDATE), (replace, Op.REPLACE)):
+        event = map_change(change, COLLECTIONS)
+        assert event == ChangeEvent(
+            op=op, type=DataType.ARTICLES, entry_id=str(oid), document=expected_doc, ts=ts_int
+        )
+        assert parse_event(event.to_json()) == event  # survives the wire as JSON
+    assert map_change(delete, COLLECTIONS) == ChangeEvent(
+        op=Op.DELETE, type=DataType.ARTICLES, entry_id="65f1a2b3c4d5e6f708192a3b", ts=ts_int
+    )
+    # updateLookup found the document deleted since: its delete follows; nothing to publish.
+    assert map_change({**update, "fullDocument": None}, COLLECTIONS) is None
+    # String ids (the course's crawler uses UUID strings) are kept as they are.
+    string_id = {**insert, "documentKey": {"_id": "abc"}, "fullDocument": {"_id": "abc", "x": 1}}
+    assert map_change(string_id, COLLECTIONS) == ChangeEvent(
+        op=Op.INSERT, type=DataType.ARTICLES, entry_id="abc", document={"x": 1}, ts=ts_int
+    )
+    # Unwatched collections and DDL events need no event.
+    assert map_change({**insert, "ns": {"db": NS_DB, "coll": "users"}}, COLLECTIONS) is None
+    assert map_change({**base, "operationType": "create"}, COLLECTIONS) is None
+
+
+def test_collection_renamed_into_a_custom_name_maps_to_its_type() -> None:
+    ts = Timestamp(1, 1)
+    change = {
+        "_id": token(ts),
+        "operationType": "insert",
+        "clusterTime": ts,
+        "ns": {"db": NS_DB, "coll": "linkedin_posts"},
+        "documentKey": {"_id": "p1"},
+        "fullDocument": {"_id": "p1", "platform": "linkedin"},
+    }
+    event = map_change(change, {"linkedin_posts": DataType.POSTS})
+    assert event is not None and event.type is DataType.POSTS
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"operationType": "drop", "ns": {"db": NS_DB, "coll": "posts"}},
+        {
+            "operationType": "rename",
+            "ns": {"db": NS_DB, "coll": "posts"},
+            "to": {"db": NS_DB, "coll": "old_posts"},
+        },
+        {
+            "operationType": "rename",
+            "ns": {"db": NS_DB, "coll": "staging"},
+            "to": {"db": NS_DB, "coll": "articles"},
+        },
+        {"operationType": "dropDatabase", "ns": {"db": NS_DB}},
+        {"operationType": "invalidate"},
+    ],
+    ids=["drop", "rename-away", "rename-into", "dropDatabase", "invalidate"],
+)
+def test_events_that_end_a_collections_history_fail_loudly(change: dict[str, Any]) -> None:
+    ts = Timestamp(1_714_564_800, 1)
+    with pytest.raises(StreamInvalidated, match="--snapshot"):
+        map_change({"_id": token(ts), "clusterTime": ts, **change}, COLLECTIONS)
+
+
+def test_drop_of_an_unwatched_collection_is_ignored() -> None:
+    ts = Timestamp(1, 1)
+    change = {"_id": token(ts), "clusterTime": ts, "operationType": "drop"}
+    assert map_change({**change, "ns": {"db": NS_DB, "coll": "users"}}, COLLECTIONS) is None
+
+
+def test_cluster_time_as_int_keeps_the_order_of_timestamps() -> None:
+    stamps = [Timestamp(1, 0), Timestamp(1, 1), Timestamp(1, 0xFFFFFFFF), Timestamp(2, 0)]
+    ints = [timestamp_to_int(s) for s in stamps]
+    assert ints == sorted(ints) and len(set(ints)) == len(ints)
+    assert [int_to_timestamp(i) for i in ints] == stamps
+
+
+@pytest.mark.parametrize("code", [286, 280, 260])
+def test_history_lost_errors_say_run_snapshot(code: int) -> None:
+    lost = classify_mongo_error(OperationFailure("resume point gone", code=code))
+    assert isinstance(lost, PositionLost) and "--snapshot" in str(lost)
+
+
+def test_other_errors_are_not_a_lost_position() -> None:
+    assert classify_mongo_error(OperationFailure("not primary", code=10107)) is None
+    assert classify_mongo_error(ValueError("x")) is None
+
+
+def test_position_file_replaces_atomically(tmp_path: Path) -> None:
+    store = FilePositionStore(tmp_path / "state" / "mongo.json")
+    assert store.load() is None
+    store.save({"phase": "snapshot", "n": 1})
+    store.save({"phase": "streaming", "n": 2})
+    assert store.load() == {"phase": "streaming", "n": 2}
+    assert [p.name for p in store.path.parent.iterdir()] == ["mongo.json"]  # no temp left
+    store.path.write_text("{torn")
+    with pytest.raises(PositionFileError, match=r"mongo\.json"):
+        store.load()
+
+
+# --- the source with the real broker ---------------------------------------------------------
+
+
+def seed(server: ScriptedMongo) -> None:
+    for i in range(5):
+        server.insert(
+            "posts", {"_id": f"p{i}", "platform": "linkedin", "content": {"text": f"{i}"}}
+        )
+    server.insert("repositories", {"_id": "r1", "name": "r", "link": "l", "content": {}})
+
+
+def test_snapshot_hands_over_to_the_stream_without_a_gap(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = ScriptedMongo()
+    seed(server)
+    server.rolled_over = len(server.oplog)  # the seed's history is no longer in the oplog
+    copied = 0
+
+    def write_during_copy() -> None:
+        nonlocal copied
+        copied += 1
+        if copied == 2:
+            server.update("posts", "p4", content={"text": "edited during the snapshot"})
+            server.delete("posts", "p0")
+            server.insert("articles", {"_id": "a1", "platform": "m", "link": "l", "content": {}})
+
+    server.on_copy = write_during_copy
+    source = make_source(server, tmp_path / "state.json")
+    events: list[ChangeEvent] = []
+
+    def caught_up() -> bool:
+        events.extend(drain(settings))
+        return final_state(events) == warehouse_state(server) and streaming(tmp_path / "state.json")
+
+    run_until(source, settings, caught_up)
+
+    snapshot = [e for e in events if e.op is Op.INSERT and e.ts == min(x.ts or 0 for x in events)]
+    assert {e.entry_id for e in snapshot} >= {"p1", "p2", "p3", "r1"}
+    start_at = server.watch_calls[0]["start_at"]
+    assert server.watch_calls[0]["resume_after"] is None
+    # Copies sit just below the stream's start: every streamed change wins over its copy.
+    assert all(e.ts == timestamp_to_int(start_at) - 1 for e in snapshot)
+    streamed = [e for e in events if e not in snapshot]
+    # (Only each document's own events keep their order across shard queues.)
+    assert sorted((e.op, e.entry_id) for e in streamed) == [
+        (Op.DELETE, "p0"),
+        (Op.INSERT, "a1"),
+        (Op.UPDATE, "p4"),
+    ]
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["phase"] == "streaming"
+    assert state["resume_token"] == server.oplog[-1]["_id"]
+
+
+def test_restart_resumes_after_the_saved_token(settings: Settings, tmp_path: Path) -> None:
+    server = ScriptedMongo()
+    seed(server)
+    path = tmp_path / "state.json"
+    events: list[ChangeEvent] = []
+
+    def caught_up() -> bool:
+        events.extend(drain(settings))
+        return final_state(events) == warehouse_state(server) and streaming(tmp_path / "state.json")
+
+    run_until(make_source(server, path), settings, caught_up)
+    first_run = len(events)
+    saved = json.loads(path.read_text())["resume_token"]
+
+    # While the service is down.
+    server.replace("posts", {"_id": "p1", "platform": "x", "content": {"text": "replaced"}})
+    server.delete("repositories", "r1")
+    run_until(make_source(server, path), settings, caught_up)
+
+    assert server.watch_calls[-1] == {"resume_after": saved, "start_at": None}
+    assert sorted((e.op, e.entry_id) for e in events[first_run:]) == [
+        (Op.DELETE, "r1"),
+        (Op.REPLACE, "p1"),
+    ]
+
+
+class FlakyPublisher(EventPublisher):
+    """The real publisher whose connection dies once mid-batch, after confirming a prefix."""
+
+    confirmed: list[ChangeEvent] = []  # noqa: RUF012 - shared by the instances of one test
+    failures_left = 1
+
+    def publish(self, events: Any, *, to_main_queue: bool = False) -> int:
+        events = list(events)
+        if FlakyPublisher.failures_left and len(events) >= 3:
+            FlakyPublisher.failures_left -= 1
+            super().publish(events[:2])
+            FlakyPublisher.confirmed.extend(events[:2])
+            raise ConnectionResetError("broker connection lost mid-batch")
+        count = super().publish(events)
+        FlakyPublisher.confirmed.extend(events)
+        return count
+
+
+class RecordingStore(FilePositionStore):
+    """The real position file, noting how many events were confirmed at each save."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.saves: list[tuple[dict[str, Any], int]] = []
+
+    def save(self, data: dict[str, Any]) -> None:
+        self.saves.append((data, len(FlakyPublisher.confirmed)))
+        super().save(data)
+
+
+def test_position_is_saved_only_after_the_broker_confirmed_everything_before_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = ScriptedMongo()
+    store = RecordingStore(tmp_path / "state.json")
+    source = MongoSource(COLLECTIONS, store, server.connect, idle_save_every_s=0)
+    FlakyPublisher.confirmed = []
+    FlakyPublisher.failures_left = 1
+    run_until(source, settings, lambda: streaming(store.path), publisher_factory=FlakyPublisher)
+
+    for i in range(6):  # one batch of 6 changes; the connection dies after 2 confirms
+        server.insert("posts", {"_id": f"p{i}", "platform": "x", "content": {"text": str(i)}})
+    events: list[ChangeEvent] = []
+
+    def caught_up() -> bool:
+        events.extend(drain(settings))
+        return final_state(events) == warehouse_state(server) and streaming(tmp_path / "state.json")
+
+    stats = run_until(source, settings, caught_up, publisher_factory=FlakyPublisher)
+
+    assert FlakyPublisher.failures_left == 0 and stats.reconnects == 1
+    # Every saved token points at a change whose event, and all before it, were confirmed.
+    tokens = [e["_id"] for e in server.oplog]
+    for state, confirmed_count in store.saves:
+        if state.get("resume_token") is None:
+            continue
+        position = tokens.index(state["resume_token"]) + 1
+        confirmed_ids = {e.entry_id for e in FlakyPublisher.confirmed[:confirmed_count]}
+        assert {f"p{i}" for i in range(position)} <= confirmed_ids
+    # At least once: the two confirmed before the failure came again after the reconnect.
+    assert sorted(e.entry_id for e in events) == ["p0", "p0", "p1", "p1", "p2", "p3", "p4", "p5"]
+
+
+def test_a_token_that_left_the_oplog_fails_loudly_and_keeps_the_file(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = ScriptedMongo()
+    seed(server)
+    path = tmp_path / "state.json"
+    events: list[ChangeEvent] = []
+
+    def caught_up() -> bool:
+        events.extend(drain(settings))
+        return final_state(events) == warehouse_state(server) and streaming(tmp_path / "state.json")
+
+    run_until(make_source(server, path), settings, caught_up)
+    saved = path.read_text()
+    server.update("posts", "p1", platform="x")
+    server.rolled_over = len(server.oplog)  # down for longer than the oplog window
+
+    with pytest.raises(PositionLost, match=r"ChangeStreamHistoryLost.*--snapshot"):
+        run_cdc(make_source(server, path), settings, threading.Event())
+    assert path.read_text() == saved
+
+    # --snapshot recovers: a fresh copy, then streaming again.
+    run_until(make_source(server, path, snapshot=True), settings, caught_up)
+    assert json.loads(path.read_text())["phase"] == "streaming"
+
+
+def test_invalidating_event_publishes_and_saves_what_came_before_then_stops(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = ScriptedMongo()
+    path = tmp_path / "state.json"
+    source = make_source(server, path)
+    run_until(source, settings, lambda: streaming(path))
+    server.insert("posts", {"_id": "p1", "platform": "x", "content": {}})
+    server.insert("posts", {"_id": "p2", "platform": "x", "content": {}})
+    server.drop("posts")
+
+    with pytest.raises(StreamInvalidated, match=r"'drop' on twin\.posts"):
+        run_cdc(make_source(server, path), settings, threading.Event())
+    assert sorted(e.entry_id for e in drain(settings)) == ["p1", "p2"]
+    assert json.loads(path.read_text())["resume_token"] == server.oplog[1]["_id"]

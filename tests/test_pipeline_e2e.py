@@ -1,0 +1,173 @@
+"""End to end on real parts: RabbitMQ -> `feature-pipeline run` (subprocess) -> embedded Qdrant."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pika
+import pytest
+
+from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
+from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
+from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.types import DataType
+from feature_pipeline.processing.pipeline import DocumentProcessor
+from feature_pipeline.settings import Settings
+
+from .conftest import SAMPLES, read_jsonl
+from .pipeline_process import PipelineProcess
+
+pytestmark = pytest.mark.slow
+
+
+def upsert(data_type: DataType, document: dict, ts: int | None = None) -> ChangeEvent:
+    doc = dict(document)
+    entry_id = str(doc.pop("_id"))
+    return ChangeEvent(op=Op.INSERT, type=data_type, entry_id=entry_id, document=doc, ts=ts)
+
+
+def expected_chunks(settings: Settings, events: list[ChangeEvent]) -> set[tuple[str, int, str]]:
+    """(entry_id, chunk_index, content) of a from-scratch processing of the final documents."""
+    processor = DocumentProcessor(settings)
+    result = set()
+    for event in events:
+        change = processor.process_event(event)
+        result |= {(c.entry_id, c.chunk_index, c.content) for c in change.chunks}
+    return result
+
+
+def stored_chunks(settings: Settings, data_types: list[DataType]) -> list[tuple[str, int, str]]:
+    store = FeatureStore.open(settings)
+    points = [p for t in data_types for p in store.scroll(t.vector_collection)]
+    return [(p.payload["entry_id"], p.payload["chunk_index"], p.payload["content"]) for p in points]
+
+
+def drain(settings: Settings, queue: str) -> list[tuple[dict, bytes]]:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    channel = connection.channel()
+    messages = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        messages.append((properties.headers or {}, body))
+    connection.close()
+    return messages
+
+
+def queue_depth(settings: Settings, queue: str) -> int:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    depth = connection.channel().queue_declare(queue, passive=True).method.message_count
+    connection.close()
+    return depth
+
+
+def test_three_types_both_shapes_mixed_batch(settings: Settings, tmp_path: Path) -> None:
+    posts = read_jsonl(SAMPLES / "posts.jsonl")[:6]
+    articles = read_jsonl(SAMPLES / "articles.jsonl")[:1]
+    repos = read_jsonl(SAMPLES / "repositories.jsonl")[:1]
+    events = (
+        [upsert(DataType.POSTS, d, ts=1) for d in posts[:3]]
+        + [upsert(DataType.ARTICLES, d, ts=1) for d in articles]
+        + [upsert(DataType.REPOSITORIES, d, ts=1) for d in repos]
+    )
+    with EventPublisher(settings) as publisher:
+        publisher.publish(events)  # routed, envelope shape, mixed types in one batch
+        for doc in posts[3:]:  # the course's CDC: flat shape, straight to the main queue
+            body = {k: v for k, v in doc.items() if k != "_id"}
+            publisher.publish_raw(
+                json.dumps({**body, "type": "posts", "entry_id": doc["_id"]}).encode()
+            )
+    pipeline = PipelineProcess(settings, tmp_path / "pipeline.log").start()
+    want = {"cleaned_posts": 6, "cleaned_articles": 1, "cleaned_repositories": 1}
+    pipeline.wait_for(
+        lambda p: all(p.counts().get(k) == v for k, v in want.items()), what="documents indexed"
+    )
+    hits = pipeline.search("streaming pipelines and vector databases", "articles", k=3)
+    assert hits and hits[0]["entry_id"] == articles[0]["_id"]
+    assert pipeline.stop() == 0
+    assert "stopping" in pipeline.log()
+
+    all_events = events + [upsert(DataType.POSTS, d) for d in posts[3:]]
+    assert sorted(stored_chunks(settings, list(DataType))) == sorted(
+        expected_chunks(settings, all_events)
+    )
+    store = FeatureStore.open(settings)
+    post = next(
+        p.payload for p in store.scroll("cleaned_posts") if p.payload["entry_id"] == posts[0]["_id"]
+    )
+    assert set(post) >= {"cleaned_content", "platform", "author_id", "image", "type", "entry_id"}
+    chunk = store.scroll("vector_repositories")[0].payload
+    assert set(chunk) >= {
+        "content",
+        "entry_id",
+        "link",
+        "owner_id",
+        "name",
+        "type",
+        "chunk_index",
+        "content_hash",
+        "model",
+    }
+    for queue in [settings.rabbitmq_queue, *settings.shard_queues]:
+        assert queue_depth(settings, queue) == 0, f"{queue} still holds unacked or unread messages"
+
+
+def test_poison_messages_are_dead_lettered_and_the_pipeline_goes_on(
+    settings: Settings, tmp_path: Path
+) -> None:
+    good = read_jsonl(SAMPLES / "posts.jsonl")[0]
+    poison = {
+        b"{this is not json": "invalid_event",
+        b'{"type": "tweets", "entry_id": "t1", "text": "hi"}': "invalid_event",
+        b'{"type": "posts", "platform": "x", "content": {"text": "no id"}, "author_id": "a"}': "invalid_event",
+        b'{"type": "posts", "entry_id": "p1", "platform": "x", "author_id": "a"}': "invalid_document",
+        b'{"type": "articles", "entry_id": "a1", "platform": "m", "link": 5, "author_id": "a",'
+        b' "content": {"Title": "t", "Content": "c"}}': "invalid_document",
+        b'{"op": "update", "type": "posts", "entry_id": "p2"}': "invalid_event",
+    }
+    with EventPublisher(settings) as publisher:
+        for body in poison:
+            publisher.publish_raw(body)
+        publisher.publish([upsert(DataType.POSTS, good, ts=1)])
+    pipeline = PipelineProcess(settings, tmp_path / "pipeline.log").start()
+    pipeline.wait_for(lambda p: p.counts().get("cleaned_posts") == 1, what="the good post")
+    pipeline.wait_for(lambda p: p.metrics().get("dead_letters") == len(poison), what="dead letters")
+    assert pipeline.stop() == 0
+    dead = drain(settings, settings.dead_letter_queue)
+    assert {body: headers["x-error-type"] for headers, body in dead} == poison
+    for headers, _ in dead:
+        assert headers["x-error"] and headers["x-source-queue"] == settings.rabbitmq_queue
+    assert queue_depth(settings, settings.rabbitmq_queue) == 0
+
+
+def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(
+    settings: Settings, tmp_path: Path
+) -> None:
+    posts = read_jsonl(SAMPLES / "posts.jsonl")
+    # A backlog of distinct documents: every sample post under a few ids.
+    events = [
+        upsert(DataType.POSTS, {**doc, "_id": f"{doc['_id']}-{copy}"}, ts=1)
+        for copy in range(3)
+        for doc in posts
+    ]
+    with EventPublisher(settings) as publisher:
+        publisher.publish(events)
+    log = tmp_path / "pipeline.log"
+    first = PipelineProcess(settings, log).start()
+    first.wait_for(lambda p: p.counts().get("cleaned_posts", 0) >= 40, what="a partial index")
+    first.kill()
+    second = PipelineProcess(settings, log).start()
+    second.wait_for(
+        lambda p: p.counts().get("cleaned_posts") == len(events), what="the whole backlog"
+    )
+    time.sleep(1.0)  # one more epoch: everything written is acked
+    assert second.stop() == 0
+    close_stores()
+    chunks = stored_chunks(settings, [DataType.POSTS])
+    assert len(chunks) == len(set(chunks)), "duplicate chunk points"
+    assert set(chunks) == expected_chunks(settings, events)
+    for queue in [settings.rabbitmq_queue, *settings.shard_queues]:
+        assert queue_depth(settings, queue) == 0
