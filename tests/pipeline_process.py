@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -104,3 +105,60 @@ class PipelineProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class InProcessPipeline:
+    """The real dataflow (RabbitMQ source, Qdrant sink) on Bytewax workers in a thread of the test
+    process, so a test can read the embedded store and the metrics directly while it runs."""
+
+    def __init__(self, settings: Settings, workers: int = 1) -> None:
+        from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
+        from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
+        from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource, StopSignal
+        from feature_pipeline.dataflow import build_dataflow
+
+        self.settings = settings
+        self.stop_signal = StopSignal()
+        build_sync(settings)
+        self._flow = build_dataflow(
+            settings,
+            RabbitMQSource(settings, self.stop_signal),
+            FeatureStoreSink(settings, partitions=workers),
+            DeadLetterQueueSink(settings),
+        )
+        self._workers = workers
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> InProcessPipeline:
+        from datetime import timedelta
+
+        from bytewax.run import cli_main
+
+        def run() -> None:
+            try:
+                cli_main(
+                    self._flow,
+                    workers_per_process=self._workers,
+                    epoch_interval=timedelta(milliseconds=self.settings.epoch_interval_ms),
+                )
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="pipeline", daemon=True)
+        self._thread.start()
+        return self
+
+    def check_alive(self) -> None:
+        assert self._thread is not None
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the dataflow stopped: {self._error!r}")
+
+    def stop(self, timeout_s: float = 60) -> None:
+        assert self._thread is not None
+        self.stop_signal.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            raise TimeoutError("the dataflow did not stop")
+        if self._error is not None:
+            raise self._error

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +16,6 @@ import pytest
 
 from feature_pipeline.connectors.cdc.base import CdcStats, PositionLost, run_cdc
 from feature_pipeline.connectors.cdc.postgres import (
-    PostgresConfig,
     PostgresSource,
     lsn_to_int,
 )
@@ -29,101 +23,30 @@ from feature_pipeline.domain.events import ChangeEvent, Op, parse_event
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
-from .conftest import delete_topology, settings_env
-
-ROOT = Path(__file__).resolve().parent.parent
-DSN = os.environ.get("CDC_TEST_DSN", "postgresql://postgres@127.0.0.1:5432/test")
-TABLES = {t.value: t for t in DataType}
-
+from .conftest import delete_topology
+from .warehouse import (
+    DSN,
+    TABLES,
+    Warehouse,
+    drop_slot,
+    ensure_logical_postgres,
+    start_cli,
+    temporary_warehouse,
+    wait_until,
+)
 
 # --- fixtures --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module", autouse=True)
 def logical_postgres() -> None:
-    """wal_level=logical (the script is idempotent and returns at once when already set)."""
-    with psycopg.connect(DSN, autocommit=True) as conn:
-        row = conn.execute("show wal_level").fetchone()
-    if row is None or row[0] != "logical":
-        subprocess.run(["bash", str(ROOT / "scripts" / "ensure_postgres_logical.sh")], check=True)
-
-
-@dataclass
-class Warehouse:
-    """One test's schema with the three tables, its slot and publication."""
-
-    schema: str
-    slot: str
-    conn: psycopg.Connection[Any] = field(repr=False)
-
-    def execute(self, query: str, params: tuple[Any, ...] = ()) -> None:
-        self.conn.execute(query.replace("{s}", self.schema), params)  # type: ignore[arg-type]
-
-    def upsert(self, table: str, entry_id: str, document: dict[str, Any]) -> None:
-        self.execute(
-            f"insert into {{s}}.{table} values (%s, %s) "
-            "on conflict (id) do update set document = excluded.document",
-            (entry_id, json.dumps(document)),
-        )
-
-    def rows(self) -> dict[tuple[DataType, str], dict[str, Any]]:
-        state = {}
-        for table, data_type in TABLES.items():
-            for entry_id, document in self.conn.execute(
-                f"select id, document from {self.schema}.{table}"  # type: ignore[arg-type]
-            ).fetchall():
-                state[(data_type, entry_id)] = document
-        return state
-
-    def slot_row(self, name: str | None = None) -> tuple[Any, ...] | None:
-        return self.conn.execute(
-            "select confirmed_flush_lsn::text, active_pid from pg_replication_slots "
-            "where slot_name = %s",
-            (name or self.slot,),
-        ).fetchone()
-
-    def config(self, **overrides: Any) -> PostgresConfig:
-        return PostgresConfig(
-            dsn=DSN, tables=TABLES, schema=self.schema, slot=self.slot, **overrides
-        )
-
-    def cli_args(self) -> list[str]:
-        return ["cdc", "postgres", "--dsn", DSN, "--schema", self.schema, "--slot", self.slot]
-
-
-def drop_slot(conn: psycopg.Connection[Any], name: str) -> None:
-    """Drop a slot even while a session briefly holds it (leaked slots keep WAL forever)."""
-    for _ in range(50):
-        row = conn.execute(
-            "select active_pid from pg_replication_slots where slot_name = %s", (name,)
-        ).fetchone()
-        if row is None:
-            return
-        try:
-            if row[0] is not None:
-                conn.execute("select pg_terminate_backend(%s)", (row[0],))
-            conn.execute("select pg_drop_replication_slot(%s)", (name,))
-            return
-        except psycopg.errors.ObjectInUse:
-            time.sleep(0.1)
-    raise AssertionError(f"could not drop slot {name}")
+    ensure_logical_postgres()
 
 
 @pytest.fixture
 def warehouse() -> Iterator[Warehouse]:
-    name = f"cdc_{uuid.uuid4().hex[:10]}"
-    conn = psycopg.connect(DSN, autocommit=True)
-    conn.execute(f"create schema {name}")  # type: ignore[arg-type]
-    for table in TABLES:
-        conn.execute(
-            f"create table {name}.{table} (id text primary key, document jsonb not null)"  # type: ignore[arg-type]
-        )
-    yield Warehouse(schema=name, slot=name, conn=conn)
-    drop_slot(conn, name)
-    drop_slot(conn, f"{name}_snapshot")
-    conn.execute(f"drop publication if exists {name}")  # type: ignore[arg-type]
-    conn.execute(f"drop schema {name} cascade")  # type: ignore[arg-type]
-    conn.close()
+    with temporary_warehouse() as warehouse:
+        yield warehouse
 
 
 @pytest.fixture
@@ -223,23 +146,6 @@ class InThread:
         if self.error is not None:
             raise self.error
         return self.stats
-
-
-def start_cli(warehouse: Warehouse, settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "feature_pipeline.cdc_cli", *warehouse.cli_args()],
-        env=settings_env(settings),
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
 
 
 # --- tests -----------------------------------------------------------------------------------

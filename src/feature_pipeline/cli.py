@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pika logs every connection step at INFO; its warnings and errors still show.
+    logging.getLogger("pika").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except SettingsError as exc:
@@ -34,6 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        _close_stores()
+
+
+def _close_stores() -> None:
+    """Release the embedded store before exit (its lock, and no noise from late finalizers)."""
+    from feature_pipeline.connectors.qdrant.store import close_stores
+
+    close_stores()
 
 
 def _build_parser() -> argparse.ArgumentParser:
