@@ -17,6 +17,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from feature_pipeline.domain.changes import DeadLetter, InboundMessage
 from feature_pipeline.domain.types import DataType
+from feature_pipeline.metrics import metrics
 
 
 def infer_type(path: Path) -> DataType | None:
@@ -124,6 +125,7 @@ class _DeadLetterFilePartition(StatefulSinkPartition[DeadLetter, None]):
                 }
                 self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._file.flush()
+        metrics.add("dead_letters", len(items))
         if self._on_written is not None:
             self._on_written(len(items))
 

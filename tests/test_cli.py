@@ -1,0 +1,63 @@
+"""The CLI as a user runs it: backfill with a bad line, counts, search, and start-up errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from feature_pipeline.settings import Settings
+
+from .conftest import SAMPLES, settings_env
+
+pytestmark = pytest.mark.slow
+
+
+def cli(
+    settings: Settings, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "feature_pipeline.cli", *args],
+        env=env or settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_backfill_then_search(settings: Settings, tmp_path: Path) -> None:
+    posts = SAMPLES.joinpath("posts.jsonl").read_text().splitlines()[:5]
+    source = tmp_path / "posts.jsonl"
+    source.write_text("\n".join([*posts, "{broken", ""]))
+    dead = tmp_path / "dead.jsonl"
+    done = cli(settings, "backfill", str(source), "--dead-letters", str(dead), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "5 applied" in done.stdout and "1 rejected" in done.stdout
+    assert [json.loads(line)["error_type"] for line in dead.read_text().splitlines()] == [
+        "invalid_event"
+    ]
+
+    counts = cli(settings, "counts")
+    assert "cleaned_posts" in counts.stdout and " 5\n" in counts.stdout
+
+    search = cli(settings, "search", "MLOps webinar", "--type", "posts", "-k", "2", "--json")
+    hits = json.loads(search.stdout)
+    assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
+    assert {json.loads(p)["_id"] for p in posts} >= {h["entry_id"] for h in hits}
+
+
+def test_a_bad_setting_fails_at_start_naming_it(settings: Settings) -> None:
+    env = settings_env(settings) | {"RABBITMQ_PREFETCH": "0"}
+    done = cli(settings, "counts", env=env)
+    assert done.returncode == 2
+    assert "RABBITMQ_PREFETCH" in done.stderr
+
+
+def test_a_hub_model_name_fails_fast_without_network(settings: Settings) -> None:
+    env = settings_env(settings) | {"MODEL_POSTS": "BAAI/bge-small-en-v1.5"}
+    done = cli(settings, "search", "x", "--type", "posts", env=env)
+    assert done.returncode == 1
+    assert "MODEL_POSTS" in done.stderr or "BAAI/bge-small-en-v1.5" in done.stderr
