@@ -114,11 +114,11 @@ class InProcessPipeline:
     def __init__(self, settings: Settings, workers: int = 1) -> None:
         from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
         from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
-        from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource, StopSignal
+        from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
         from feature_pipeline.dataflow import build_dataflow
 
         self.settings = settings
-        self.stop_signal = StopSignal()
+        self.stop_signal = threading.Event()
         build_sync(settings)
         self._flow = build_dataflow(
             settings,

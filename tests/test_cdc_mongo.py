@@ -9,30 +9,40 @@ The broker, the publisher and the position file are the real ones.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
+import hashlib
 import json
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
-from bson import Timestamp
+from bson import Binary, Int64, Timestamp
 from bson.decimal128 import Decimal128
 from bson.objectid import ObjectId
 from pymongo.errors import OperationFailure
 
-from feature_pipeline.connectors.cdc.base import CdcStats, PositionLost, run_cdc
+from feature_pipeline.connectors.cdc.base import (
+    DEFAULT_BATCH_EVENTS,
+    CdcStats,
+    PositionLost,
+    run_cdc,
+)
 from feature_pipeline.connectors.cdc.mongo import (
     MongoSource,
     StreamInvalidated,
     classify_mongo_error,
+    collapse_transaction,
     int_to_timestamp,
     map_change,
     timestamp_to_int,
+    transaction_key,
 )
 from feature_pipeline.connectors.cdc.position import FilePositionStore, PositionFileError
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
@@ -68,30 +78,60 @@ class ScriptedMongo:
         self.watch_calls: list[dict[str, Any]] = []
         #: Called once per document the snapshot copies: writes "during" the snapshot.
         self.on_copy: Callable[[], None] | None = None
+        #: The session of every transaction: `lsid` as drivers send it (a UUID, a user hash).
+        self.lsid = {
+            "id": Binary.from_uuid(uuid.UUID("7b3c1e2a-9f0d-4c5b-8a6e-1d2f3a4b5c6d")),
+            "uid": Binary(hashlib.sha256(b"").digest()),
+        }
+        self.txn_number = 0
+        #: The open transaction: its events and its view of the documents, until it commits.
+        self._txn: tuple[list[dict[str, Any]], dict[str, dict[Any, dict[str, Any]]]] | None = None
 
     def now(self) -> Timestamp:
         self.inc += 1
         return Timestamp(self.time, self.inc)
 
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """A multi-document transaction: nothing of it is visible until it commits; then its
+        events enter the oplog at once, sharing one clusterTime, each with `lsid`, `txnNumber`
+        and a resume token of its own."""
+        self.txn_number += 1
+        self._txn = ([], copy.deepcopy(self.docs))
+        yield
+        events, docs = self._txn
+        self._txn = None
+        commit = self.now()
+        for n, event in enumerate(events):
+            event["_id"] = token(commit, len(self.oplog) + n)
+            event["clusterTime"] = commit
+            event["txnNumber"] = Int64(self.txn_number)
+            event["lsid"] = self.lsid
+        self.docs = docs
+        self.oplog.extend(events)  # one step: a reader thread never sees half of it
+
+    @property
+    def _current(self) -> dict[str, dict[Any, dict[str, Any]]]:
+        """The documents writes go to: the open transaction's, or the committed ones."""
+        return self._txn[1] if self._txn is not None else self.docs
+
     def _log(self, op: str, coll: str | None, **fields: Any) -> None:
-        ts = self.now()
-        event: dict[str, Any] = {
-            "_id": token(ts, len(self.oplog)),
-            "operationType": op,
-            "clusterTime": ts,
-            "wallTime": WALL,
-        }
+        event: dict[str, Any] = {"operationType": op, "wallTime": WALL}
         if coll is not None:
             event["ns"] = {"db": NS_DB, "coll": coll}
         event.update(fields)
-        self.oplog.append(event)
+        if self._txn is not None:
+            self._txn[0].append(event)  # stamped when it commits
+            return
+        ts = self.now()
+        self.oplog.append({"_id": token(ts, len(self.oplog)), "clusterTime": ts, **event})
 
     def insert(self, coll: str, doc: dict[str, Any]) -> None:
-        self.docs[coll][doc["_id"]] = dict(doc)
+        self._current[coll][doc["_id"]] = dict(doc)
         self._log("insert", coll, fullDocument=dict(doc), documentKey={"_id": doc["_id"]})
 
     def update(self, coll: str, _id: Any, **fields: Any) -> None:
-        self.docs[coll][_id].update(fields)
+        self._current[coll][_id].update(fields)
         self._log(
             "update",
             coll,
@@ -100,11 +140,11 @@ class ScriptedMongo:
         )
 
     def replace(self, coll: str, doc: dict[str, Any]) -> None:
-        self.docs[coll][doc["_id"]] = dict(doc)
+        self._current[coll][doc["_id"]] = dict(doc)
         self._log("replace", coll, fullDocument=dict(doc), documentKey={"_id": doc["_id"]})
 
     def delete(self, coll: str, _id: Any) -> None:
-        del self.docs[coll][_id]
+        del self._current[coll][_id]
         self._log("delete", coll, documentKey={"_id": _id})
 
     def drop(self, coll: str) -> None:
@@ -211,12 +251,13 @@ def drain(settings: Settings) -> list[ChangeEvent]:
 
 
 def final_state(events: list[ChangeEvent]) -> dict[tuple[DataType, str], Any]:
-    """What the pipeline holds after its version guard (apply when ts >= stored ts)."""
+    """What the pipeline holds after its version guard: like `feature_pipeline.sync.is_stale`,
+    an event applies only when its ts is larger than the stored one."""
     versions: dict[tuple[DataType, str], tuple[int, Any]] = {}
     for event in events:
         key = (event.type, event.entry_id)
         assert event.ts is not None
-        if key not in versions or event.ts >= versions[key][0]:
+        if key not in versions or event.ts > versions[key][0]:
             versions[key] = (event.ts, event.document)
     return {k: doc for k, (_ts, doc) in versions.items() if doc is not None}
 
@@ -236,6 +277,7 @@ def run_until(
     done: Callable[[], bool],
     *,
     publisher_factory: Callable[[Settings], EventPublisher] = EventPublisher,
+    batch_events: int = DEFAULT_BATCH_EVENTS,
 ) -> CdcStats:
     """Run the real loop on a thread until `done()`, then stop it like SIGTERM does."""
     stop = threading.Event()
@@ -249,6 +291,7 @@ def run_until(
                 settings,
                 stop,
                 publisher_factory=publisher_factory,
+                batch_events=batch_events,
                 stats=stats,
                 idle_wait_s=0.01,
             )
@@ -602,3 +645,194 @@ def test_invalidating_event_publishes_and_saves_what_came_before_then_stops(
         run_cdc(make_source(server, path), settings, threading.Event())
     assert sorted(e.entry_id for e in drain(settings)) == ["p1", "p2"]
     assert json.loads(path.read_text())["resume_token"] == server.oplog[1]["_id"]
+
+
+# --- transactions: one clusterTime, several events -------------------------------------------
+
+
+def transaction_of_many_kinds(server: ScriptedMongo) -> None:
+    """Every way one transaction can change a document more than once."""
+    with server.transaction():
+        server.insert("posts", {"_id": "p9", "platform": "x", "content": {"text": "first"}})
+        server.replace("posts", {"_id": "p9", "platform": "x", "content": {"text": "second"}})
+        server.delete("posts", "p2")
+        server.insert("posts", {"_id": "p2", "platform": "x", "content": {"text": "re-created"}})
+        server.insert("posts", {"_id": "p8", "platform": "x", "content": {"text": "short-lived"}})
+        server.delete("posts", "p8")
+        server.update("posts", "p1", platform="a")
+        server.update("posts", "p1", platform="b")
+        server.insert("articles", {"_id": "a1", "platform": "m", "link": "l", "content": {}})
+
+
+def read_oplog(server: ScriptedMongo, start: int = 0) -> list[Mapping[str, Any]]:
+    """The change events as a stream returns them (fullDocument looked up for updates)."""
+    stream = ScriptedStream(server, start)
+    changes = []
+    while (change := stream.try_next()) is not None:
+        changes.append(change)
+    return changes
+
+
+def test_a_transaction_becomes_one_event_per_document_its_last() -> None:
+    server = ScriptedMongo()
+    seed(server)
+    seeded = len(server.oplog)
+    transaction_of_many_kinds(server)
+    changes = read_oplog(server, seeded)
+
+    # MongoDB's format: one clusterTime for the whole transaction, lsid and txnNumber on every
+    # event, a resume token per event.
+    assert len(changes) == 9
+    assert len({c["clusterTime"] for c in changes}) == 1
+    assert len({c["_id"]["_data"] for c in changes}) == 9
+    assert all(c["txnNumber"] == Int64(1) and c["lsid"] == server.lsid for c in changes)
+    key = transaction_key(changes[0])
+    assert key is not None and all(transaction_key(c) == key for c in changes)
+    assert all(transaction_key(c) is None for c in read_oplog(server)[:seeded])
+
+    ts = timestamp_to_int(changes[0]["clusterTime"])
+    events = collapse_transaction(changes, COLLECTIONS)
+    assert sorted(events, key=lambda e: e.entry_id) == [
+        ChangeEvent(
+            op=Op.INSERT,
+            type=DataType.ARTICLES,
+            entry_id="a1",
+            document={"platform": "m", "link": "l", "content": {}},
+            ts=ts,
+        ),
+        ChangeEvent(
+            op=Op.UPDATE,
+            type=DataType.POSTS,
+            entry_id="p1",
+            document={"platform": "b", "content": {"text": "1"}},
+            ts=ts,
+        ),
+        ChangeEvent(
+            op=Op.INSERT,
+            type=DataType.POSTS,
+            entry_id="p2",
+            document={"platform": "x", "content": {"text": "re-created"}},
+            ts=ts,
+        ),
+        ChangeEvent(op=Op.DELETE, type=DataType.POSTS, entry_id="p8", ts=ts),
+        ChangeEvent(
+            op=Op.REPLACE,
+            type=DataType.POSTS,
+            entry_id="p9",
+            document={"platform": "x", "content": {"text": "second"}},
+            ts=ts,
+        ),
+    ]
+    # Mapped one by one, the strict version guard would keep the *first* event of p9, p2 and
+    # p8: the stale text, the document deleted, the deleted document present.
+    one_by_one = [e for c in changes if (e := map_change(c, COLLECTIONS)) is not None]
+    assert final_state(one_by_one) != final_state(events)
+    expected = {k: v for k, v in warehouse_state(server).items() if k[1] in {"a1", "p1", "p2"}}
+    expected[(DataType.POSTS, "p9")] = {"platform": "x", "content": {"text": "second"}}
+    assert final_state(events) == expected
+
+
+class TokenRecordingStore(FilePositionStore):
+    """The real position file, keeping every resume token saved in it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.tokens: list[Any] = []
+
+    def save(self, data: dict[str, Any]) -> None:
+        if data.get("resume_token") is not None:
+            self.tokens.append(data["resume_token"])
+        super().save(data)
+
+
+def test_transactions_are_read_whole_and_ts_strictly_increases_per_document(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = ScriptedMongo()
+    seed(server)
+    store = TokenRecordingStore(tmp_path / "state.json")
+    source = MongoSource(COLLECTIONS, store, server.connect, idle_save_every_s=0)
+    events: list[ChangeEvent] = []
+
+    def caught_up() -> bool:
+        events.extend(drain(settings))
+        return final_state(events) == warehouse_state(server) and streaming(store.path)
+
+    run_until(source, settings, caught_up)
+    snapshot_count = len(events)
+
+    # While it streams in batches of 2 changes: transactions of 9 and 2 changes around others.
+    server.update("posts", "p3", platform="before")
+    transaction_of_many_kinds(server)
+    server.insert("posts", {"_id": "p7", "platform": "x", "content": {"text": "between"}})
+    with server.transaction():
+        server.replace("posts", {"_id": "p9", "platform": "x", "content": {"text": "third"}})
+        server.update("posts", "p1", platform="c")
+    server.update("posts", "p9", platform="after")
+    run_until(source, settings, caught_up, batch_events=2)
+
+    streamed = events[snapshot_count:]
+    assert final_state(events) == warehouse_state(server)
+    for key, document_events in per_document(streamed).items():
+        ts = [e.ts for e in document_events]
+        assert ts == sorted(set(ts)), f"{key}: ts must strictly increase, got {ts}"
+    assert len(per_document(streamed)[(DataType.POSTS, "p9")]) == 3  # one per clusterTime
+    # Saved positions are only ever the end of a transaction (or a change outside one).
+    oplog = server.oplog
+    ends = [
+        e["_id"]
+        for i, e in enumerate(oplog)
+        if transaction_key(e) is None
+        or i + 1 == len(oplog)
+        or transaction_key(oplog[i + 1]) != transaction_key(e)
+    ]
+    assert store.tokens and all(t in ends for t in store.tokens)
+    assert store.tokens[-1] == oplog[-1]["_id"]
+
+
+def per_document(events: list[ChangeEvent]) -> dict[tuple[DataType, str], list[ChangeEvent]]:
+    grouped: dict[tuple[DataType, str], list[ChangeEvent]] = {}
+    for event in events:
+        grouped.setdefault((event.type, event.entry_id), []).append(event)
+    return grouped
+
+
+def test_a_crash_after_a_transaction_republishes_it_whole_then_resumes_after_it(
+    settings: Settings, tmp_path: Path
+) -> None:
+    server = ScriptedMongo()
+    seed(server)
+    path = tmp_path / "state.json"
+    run_until(make_source(server, path), settings, lambda: streaming(path))
+    before = json.loads(path.read_text())["resume_token"]
+    transaction_of_many_kinds(server)
+    server.update("posts", "p3", platform="after")
+
+    first = make_source(server, path)
+    first.open()
+    batch = first.read(1)  # one change asked for: the whole transaction comes
+    assert len(batch.events) == 5 and batch.position is not None
+    assert batch.position["resume_token"] == server.oplog[-2]["_id"]  # its last event
+    first.close()  # killed after publishing, before saving: the position is still `before`
+
+    again = make_source(server, path)
+    again.open()
+    assert server.watch_calls[-1] == {"resume_after": before, "start_at": None}
+    replayed = again.read(1)
+    assert replayed == batch  # the same events with the same ts: the guard drops them
+    again.save(replayed.position)
+    again.close()
+
+    # Resumed after the transaction, never inside it; a later change of p9 has a larger ts.
+    with server.transaction():
+        server.replace("posts", {"_id": "p9", "platform": "x", "content": {"text": "third"}})
+    resumed = make_source(server, path)
+    resumed.open()
+    rest = resumed.read(100)
+    resumed.close()
+    assert [(e.op, e.entry_id) for e in rest.events] == [
+        (Op.UPDATE, "p3"),
+        (Op.REPLACE, "p9"),
+    ]
+    p9 = [e for e in [*batch.events, *rest.events] if e.entry_id == "p9"]
+    assert p9[0].ts is not None and p9[1].ts is not None and p9[1].ts > p9[0].ts

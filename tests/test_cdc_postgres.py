@@ -109,12 +109,12 @@ def per_document(events: list[ChangeEvent]) -> dict[tuple[DataType, str], list[C
 
 
 def apply_with_version_guard(events: list[ChangeEvent]) -> dict[tuple[DataType, str], Any]:
-    """What the pipeline ends up holding: per document, the event with the largest ts wins."""
+    """What the pipeline ends up holding: per document, the first event with the largest ts wins (the guard is strict, as in sync.is_stale)."""
     versions: dict[tuple[DataType, str], tuple[int, dict[str, Any] | None]] = {}
     for event in events:
         key = (event.type, event.entry_id)
         assert event.ts is not None
-        if key not in versions or event.ts >= versions[key][0]:
+        if key not in versions or event.ts > versions[key][0]:
             versions[key] = (event.ts, event.document)
     return {key: doc for key, (_ts, doc) in versions.items() if doc is not None}
 

@@ -121,7 +121,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
     from feature_pipeline.connectors.qdrant.store import FeatureStore
     from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
-    from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource, StopSignal
+    from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
     from feature_pipeline.dataflow import build_dataflow
     from feature_pipeline.query_server import start_query_server
 
@@ -135,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "several processes cannot share the embedded store (QDRANT_PATH): "
             "run a Qdrant server and set QDRANT_URL, or use --workers in one process"
         )
-    stop = StopSignal()
+    stop = threading.Event()
     _stop_on_signals(stop)
     # Open the store and load the models before consuming, so a bad setting fails at start.
     build_sync(settings)
@@ -161,7 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stop_on_signals(stop: Any) -> None:
+def _stop_on_signals(stop: threading.Event) -> None:
     def handle(signum: int, _frame: object) -> None:
         if stop.is_set():  # a second Ctrl-C: leave now; unacked messages are redelivered
             os._exit(130)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, model_validator
 
@@ -74,10 +74,3 @@ class DocumentChange(BaseModel):
     def key(self) -> str:
         return f"{self.type.value}:{self.entry_id}"
 
-
-@dataclass
-class Batch:
-    """Items for one sink partition, split by kind."""
-
-    changes: list[DocumentChange] = field(default_factory=list)
-    dead_letters: list[DeadLetter] = field(default_factory=list)

@@ -19,10 +19,20 @@ once the broker confirmed all of them, save phase "streaming" and open the strea
 ts, and the pipeline's version guard absorbs the overlap. From then on the position is the
 resume token (`_id`) of the last change whose event was confirmed.
 
-`ts` is `clusterTime` as one integer: Timestamp(t, i) -> (t << 32) | i. Operations of one
-MongoDB transaction share a clusterTime, so two changes of one document inside a transaction
-carry the same ts (in commit order): the version guard must apply an event whose ts equals the
-stored one.
+`ts` is `clusterTime` as one integer: Timestamp(t, i) -> (t << 32) | i. (It stays below 2**63,
+a signed 64-bit integer like Qdrant's integer payloads, while t < 2**31: until January 2038.)
+The pipeline's version guard skips an event whose ts is not *larger* than the stored one, so ts
+must strictly increase per document. Outside transactions every operation has a clusterTime of
+its own. The operations of one transaction share one clusterTime, and their events carry `lsid`
+and `txnNumber`; so, like the PostgreSQL side, a transaction is read in one piece and each
+document it changed becomes one event, the last of its events in the transaction
+(`collapse_transaction`). A position is only ever saved at the end of a transaction, so a
+restart never resumes inside one: a document gets at most one event per clusterTime, before
+and after a restart.
+
+A transaction ends where an event of another transaction (or none) follows, or where the stream
+has nothing more to return: a committed transaction's oplog entries are all visible at once, so
+the server returns its events without an empty batch in between.
 """
 
 from __future__ import annotations
@@ -153,6 +163,35 @@ def map_change(
         return None
     document = to_jsonable({k: v for k, v in full.items() if k != "_id"})
     return ChangeEvent(op=op, type=data_type, entry_id=entry_id, document=document, ts=ts)
+
+
+TransactionKey = tuple[Timestamp, Any, Any]
+
+
+def transaction_key(change: Mapping[str, Any]) -> TransactionKey | None:
+    """What the events of one transaction share; None outside a multi-document transaction."""
+    if "txnNumber" not in change:
+        return None
+    return (change["clusterTime"], change.get("lsid"), change["txnNumber"])
+
+
+def collapse_transaction(
+    changes: list[Mapping[str, Any]], collections: Mapping[str, DataType]
+) -> list[ChangeEvent]:
+    """The events of one transaction (or one change): per document only its last event.
+
+    The events of a transaction share one ts; the version guard would apply only the first of
+    them to a document, and that one may be stale (an insert followed by a replace, a delete
+    followed by an insert). The last one carries the state the transaction committed.
+    """
+    last: dict[tuple[DataType, str], ChangeEvent] = {}
+    for change in changes:
+        event = map_change(change, collections)
+        if event is not None:
+            key = (event.type, event.entry_id)
+            last.pop(key, None)  # re-inserted: the output keeps the order of each last change
+            last[key] = event
+    return list(last.values())
 
 
 def classify_mongo_error(exc: BaseException) -> PositionLost | None:
@@ -293,6 +332,9 @@ class MongoSource:
         self._max_events = 500
         self._pending_error: FatalCdcError | None = None
         self._last_save = 0.0
+        #: A change read past the end of a transaction: the first of the next read.
+        self._lookahead: Mapping[str, Any] | None = None
+        self._last_transaction: TransactionKey | None = None
 
     @classmethod
     def from_config(cls, config: MongoConfig) -> MongoSource:
@@ -331,6 +373,9 @@ class MongoSource:
 
     def close(self) -> None:
         self._snapshot = None
+        # Reopening resumes after the saved position, which is before anything read ahead.
+        self._lookahead = None
+        self._last_transaction = None
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -367,27 +412,61 @@ class MongoSource:
         stream = self._require_stream()
         events: list[ChangeEvent] = []
         last_token: Mapping[str, Any] | None = None
-        for _ in range(max_events):
-            try:
-                change = stream.try_next()
-            except PyMongoError as exc:
-                raise classify_mongo_error(exc) or exc from exc
-            if change is None:
+        changes_read = 0
+        # Whole transactions only, even past max_events: the position saved after this batch
+        # must never fall inside one (see the module doc on ts).
+        while changes_read < max_events:
+            group = self._next_transaction(stream)
+            if not group:
                 break
             try:
-                event = map_change(change, self.collections)
+                events.extend(collapse_transaction(group, self.collections))
             except StreamInvalidated as exc:
                 if last_token is None:
                     raise
                 # Publish and save what came before it; fail on the next read.
                 self._pending_error = exc
                 break
-            if event is not None:
-                events.append(event)
-            last_token = change["_id"]
+            last_token = group[-1]["_id"]
+            changes_read += len(group)
         if last_token is not None:
             return Batch(events=events, position=self._streaming_state(last_token))
         return Batch(events=[], position=self._idle_position(stream.resume_token))
+
+    def _next_change(self, stream: ChangeStreamLike) -> Mapping[str, Any] | None:
+        if self._lookahead is not None:
+            change, self._lookahead = self._lookahead, None
+            return change
+        try:
+            return stream.try_next()
+        except PyMongoError as exc:
+            raise classify_mongo_error(exc) or exc from exc
+
+    def _next_transaction(self, stream: ChangeStreamLike) -> list[Mapping[str, Any]]:
+        """The next change, or all events of the next transaction; [] when there is none now."""
+        first = self._next_change(stream)
+        if first is None:
+            return []
+        key = transaction_key(first)
+        if key is not None and key == self._last_transaction:
+            # Not expected (see the module doc): the rest of a published transaction came late.
+            log.warning(
+                "mongo CDC: events of transaction %s at %s arrived after a pause; a second "
+                "change of one document in it may be skipped by the version guard",
+                key[2],
+                key[0],
+            )
+        self._last_transaction = key
+        group = [first]
+        while key is not None:
+            change = self._next_change(stream)
+            if change is None:
+                break  # nothing more right now: a committed transaction arrives whole
+            if transaction_key(change) != key:
+                self._lookahead = change
+                break
+            group.append(change)
+        return group
 
     def _idle_position(self, token: Mapping[str, Any] | None) -> dict[str, Any] | None:
         # The post-batch token moves with the cluster even when no watched collection

@@ -32,21 +32,8 @@ from feature_pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 
-class StopSignal:
-    """Set from a signal handler: partitions finish the epoch in flight, ack it, then stop."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-
-    def set(self) -> None:
-        self._event.set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-
 class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
-    def __init__(self, settings: Settings, queue: str, stop: StopSignal) -> None:
+    def __init__(self, settings: Settings, queue: str, stop: threading.Event) -> None:
         self._settings = settings
         self._queue = queue
         self._stop = stop
@@ -168,9 +155,11 @@ class RabbitMQSource(FixedPartitionedSource[InboundMessage, None]):
     broker holds every unacknowledged message, and redelivers it after a crash.
     """
 
-    def __init__(self, settings: Settings, stop: StopSignal | None = None) -> None:
+    def __init__(self, settings: Settings, stop: threading.Event | None = None) -> None:
+        """`stop`, once set (from a signal handler), makes every partition finish the epoch in
+        flight, ack it, and end."""
         self._settings = settings
-        self._stop = stop or StopSignal()
+        self._stop = stop or threading.Event()
 
     def list_parts(self) -> list[str]:
         return consumed_queues(self._settings)
