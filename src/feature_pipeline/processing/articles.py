@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from feature_pipeline.domain.documents import ArticleDocument
-from feature_pipeline.domain.features import ArticleChunk, CleanedArticle, content_hash
+from feature_pipeline.domain.features import ArticleChunk, CleanedArticle
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.processing.chunking import TokenSplitter
+from feature_pipeline.processing.chunking import TokenSplitter, chunks_from_spans
 from feature_pipeline.processing.cleaning import clean_text
 from feature_pipeline.processing.registry import Step, registry
 
@@ -33,18 +33,4 @@ def clean_article(raw: ArticleDocument, entry_id: str) -> CleanedArticle:
 
 @registry.register(DataType.ARTICLES, Step.CHUNK)
 def chunk_article(cleaned: CleanedArticle, splitter: TokenSplitter) -> list[ArticleChunk]:
-    return [
-        ArticleChunk(
-            type=DataType.ARTICLES,
-            entry_id=cleaned.entry_id,
-            chunk_index=index,
-            content=span.text,
-            start=span.start,
-            end=span.end,
-            content_hash=content_hash(span.text),
-            platform=cleaned.platform,
-            link=cleaned.link,
-            author_id=cleaned.author_id,
-        )
-        for index, span in enumerate(splitter.split(cleaned.cleaned_content))
-    ]
+    return chunks_from_spans(ArticleChunk, cleaned, splitter.split(cleaned.cleaned_content))

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+from feature_pipeline.domain.features import Chunk, CleanedDocument, content_hash
 
 #: Cut preferences for prose, best first: paragraph, line, sentence end, word.
 PROSE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", ". ", "! ", "? ", " ")
@@ -31,6 +34,34 @@ class TextSpan:
     start: int
     end: int
     text: str
+
+
+ChunkModel = TypeVar("ChunkModel", bound=Chunk)
+
+
+def chunks_from_spans(
+    model: type[ChunkModel], cleaned: CleanedDocument, spans: Iterable[TextSpan]
+) -> list[ChunkModel]:
+    """Chunk models for the spans of a cleaned document, numbered in order, each carrying the
+    document metadata its model declares (the fields it adds to `Chunk`: platform, link...)."""
+    metadata = {
+        name: getattr(cleaned, name)
+        for name in model.model_fields
+        if name not in Chunk.model_fields
+    }
+    return [
+        model(
+            type=cleaned.type,
+            entry_id=cleaned.entry_id,
+            chunk_index=index,
+            content=span.text,
+            start=span.start,
+            end=span.end,
+            content_hash=content_hash(span.text),
+            **metadata,
+        )
+        for index, span in enumerate(spans)
+    ]
 
 
 @dataclass(frozen=True)

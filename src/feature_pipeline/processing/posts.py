@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from feature_pipeline.domain.documents import PostDocument
-from feature_pipeline.domain.features import CleanedPost, PostChunk, content_hash
+from feature_pipeline.domain.features import CleanedPost, PostChunk
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.processing.chunking import TokenSplitter
+from feature_pipeline.processing.chunking import TokenSplitter, chunks_from_spans
 from feature_pipeline.processing.cleaning import clean_text
 from feature_pipeline.processing.registry import Step, registry
 
@@ -31,17 +31,4 @@ def clean_post(raw: PostDocument, entry_id: str) -> CleanedPost:
 
 @registry.register(DataType.POSTS, Step.CHUNK)
 def chunk_post(cleaned: CleanedPost, splitter: TokenSplitter) -> list[PostChunk]:
-    return [
-        PostChunk(
-            type=DataType.POSTS,
-            entry_id=cleaned.entry_id,
-            chunk_index=index,
-            content=span.text,
-            start=span.start,
-            end=span.end,
-            content_hash=content_hash(span.text),
-            platform=cleaned.platform,
-            author_id=cleaned.author_id,
-        )
-        for index, span in enumerate(splitter.split(cleaned.cleaned_content))
-    ]
+    return chunks_from_spans(PostChunk, cleaned, splitter.split(cleaned.cleaned_content))

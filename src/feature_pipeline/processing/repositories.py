@@ -6,9 +6,14 @@ import re
 from typing import Any
 
 from feature_pipeline.domain.documents import RepositoryDocument
-from feature_pipeline.domain.features import CleanedRepository, RepositoryChunk, content_hash
+from feature_pipeline.domain.features import CleanedRepository, RepositoryChunk
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.processing.chunking import TextSpan, TokenSplitter, code_separators_for
+from feature_pipeline.processing.chunking import (
+    TextSpan,
+    TokenSplitter,
+    chunks_from_spans,
+    code_separators_for,
+)
 from feature_pipeline.processing.cleaning import clean_code, should_index_file
 from feature_pipeline.processing.registry import Step, registry
 from feature_pipeline.settings import get_settings
@@ -57,21 +62,7 @@ def chunk_repository(cleaned: CleanedRepository, splitter: TokenSplitter) -> lis
     for start, end, separators in _sections(text):
         section = text[start:end]
         spans.extend(splitter.split(section, separators, offset=start, keep_indentation=True))
-    return [
-        RepositoryChunk(
-            type=DataType.REPOSITORIES,
-            entry_id=cleaned.entry_id,
-            chunk_index=index,
-            content=span.text,
-            start=span.start,
-            end=span.end,
-            content_hash=content_hash(span.text),
-            name=cleaned.name,
-            link=cleaned.link,
-            owner_id=cleaned.owner_id,
-        )
-        for index, span in enumerate(spans)
-    ]
+    return chunks_from_spans(RepositoryChunk, cleaned, spans)
 
 
 def _sections(text: str) -> list[tuple[int, int, list[str]]]:
