@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Make the local PostgreSQL ready for the CDC service: installed, wal2json present,
+# Make the local PostgreSQL ready for the CDC service (built-in pgoutput plugin): installed,
 # wal_level=logical, running and accepting connections. Idempotent: restarts only on change.
 set -euo pipefail
 
@@ -20,11 +20,6 @@ fi
 
 version="$(ls /etc/postgresql | sort -V | tail -n 1)"
 run_psql() { su postgres -c "psql -X -qAt -d postgres -c \"$1\""; }
-
-if [ ! -f "/usr/lib/postgresql/${version}/lib/wal2json.so" ]; then
-    echo "ensure_postgres_logical: installing postgresql-${version}-wal2json"
-    apt_install "postgresql-${version}-wal2json"
-fi
 
 # Start the cluster if it is down (a fresh CI machine may not have it running).
 if ! pg_lsclusters -h | awk -v v="$version" '$1 == v && $2 == "main" {print $4}' | grep -q online; then
