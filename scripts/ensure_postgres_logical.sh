@@ -60,4 +60,4 @@ if [ "$(run_psql "show wal_level")" != "logical" ]; then
     echo "ensure_postgres_logical: wal_level is still not logical" >&2
     exit 1
 fi
-echo "ensure_postgres_logical: PostgreSQL ${version} ready (wal_level=logical, wal2json installed)"
+echo "ensure_postgres_logical: PostgreSQL ${version} ready (wal_level=logical)"

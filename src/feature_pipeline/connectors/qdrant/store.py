@@ -198,20 +198,37 @@ class FeatureStore:
                 )
 
     def delete_chunks_except(self, data_type: DataType, keep: dict[str, list[str]]) -> None:
-        """For each entry id, delete its chunks whose id is not in the kept list (one call)."""
+        """For each entry id, delete its chunks whose id is not in the kept list.
+
+        Lists the documents' chunk ids (one filtered scroll on `entry_id`), then deletes the
+        others by id. A single filter delete with one clause per document costs the same on a
+        server, but local mode evaluates it point by point and clause by clause: it took
+        O(points x documents) and ~10% of a backfill's time.
+        """
         if not keep:
             return
-        clauses = []
-        for entry_id, ids in keep.items():
-            match_doc = models.FieldCondition(
-                key="entry_id", match=models.MatchValue(value=entry_id)
-            )
-            clauses.append(
-                models.Filter(
-                    must=[match_doc],
-                    must_not=[models.HasIdCondition(has_id=list(ids))] if ids else None,
-                )
-            )
-        selector = models.FilterSelector(filter=models.Filter(should=clauses))
+        collection = data_type.vector_collection
+        # A chunk id embeds its entry id, so one set of kept ids serves every document.
+        kept = {point_id for ids in keep.values() for point_id in ids}
+        documents = models.Filter(
+            must=[models.FieldCondition(key="entry_id", match=models.MatchAny(any=list(keep)))]
+        )
+        stale: list[str] = []
+        offset = None
         with self._lock:
-            self._client.delete(data_type.vector_collection, points_selector=selector, wait=True)
+            while True:
+                page, offset = self._client.scroll(
+                    collection,
+                    scroll_filter=documents,
+                    limit=10_000,
+                    offset=offset,
+                    with_payload=False,
+                    with_vectors=False,
+                )
+                stale += [str(p.id) for p in page if str(p.id) not in kept]
+                if offset is None:
+                    break
+            if stale:
+                self._client.delete(
+                    collection, points_selector=models.PointIdsList(points=stale), wait=True
+                )
