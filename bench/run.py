@@ -1,0 +1,479 @@
+"""Benchmark: the bare model's limit, the pipeline's end-to-end throughput, freshness and memory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
+from feature_pipeline.connectors.rabbitmq.topology import router_exchange
+from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.types import DataType
+from feature_pipeline.processing.embedding import available_cores, get_embedder
+from feature_pipeline.processing.pipeline import DocumentProcessor
+from feature_pipeline.settings import Settings, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "data" / "samples"
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "scripts"))
+from build_sample_repositories import repository_document  # noqa: E402
+
+#: Standard-library packages added as repositories, in order, until the corpus has enough chunks.
+EXTRA_PACKAGES = ("email", "asyncio", "http", "logging", "importlib", "urllib", "xml", "unittest")
+BATCH_SIZES = (8, 16, 32, 64)
+#: Chunks timed per candidate batch size (the full corpus is then timed at the best one).
+BATCH_SEARCH_CHUNKS = 128
+TARGET_RATIO = 0.9
+TARGET_P50_MS = 300.0
+TARGET_P99_MS = 1000.0
+TARGET_RSS_MB = 1536.0
+
+
+@dataclass
+class Corpus:
+    events: list[ChangeEvent] = field(default_factory=list)
+    chunks: list[str] = field(default_factory=list)
+    chunks_by_type: dict[str, int] = field(default_factory=dict)
+    docs_by_type: dict[str, int] = field(default_factory=dict)
+    repositories: list[str] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def insert_event(data_type: DataType, document: dict[str, Any]) -> ChangeEvent:
+    body = {k: v for k, v in document.items() if k != "_id"}
+    return ChangeEvent(
+        op=Op.INSERT, type=data_type, entry_id=str(document["_id"]), document=body, ts=1
+    )
+
+
+def build_corpus(processor: DocumentProcessor, max_chunks: int, corpus_dir: Path) -> Corpus:
+    """Sample posts, articles and repositories, then standard-library packages up to max_chunks."""
+    corpus = Corpus()
+    documents = {t: read_jsonl(SAMPLES / f"{t.value}.jsonl") for t in DataType}
+    for data_type in DataType:
+        for document in documents[data_type]:
+            _add(corpus, processor, data_type, document)
+    owner_id = str(read_jsonl(SAMPLES / "users.jsonl")[0]["_id"])
+    for name in EXTRA_PACKAGES:
+        if len(corpus.chunks) >= max_chunks:
+            break
+        documents[DataType.REPOSITORIES].append(repository_document(name, owner_id))
+        _add(corpus, processor, DataType.REPOSITORIES, documents[DataType.REPOSITORIES][-1])
+    # The corpus on disk, for a look at what was measured (deleted with the work dir).
+    for data_type, docs in documents.items():
+        path = corpus_dir / f"{data_type.value}.jsonl"
+        path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    corpus.repositories = [str(d["name"]) for d in documents[DataType.REPOSITORIES]]
+    return corpus
+
+
+def _add(
+    corpus: Corpus, processor: DocumentProcessor, data_type: DataType, document: dict[str, Any]
+) -> None:
+    event = insert_event(data_type, document)
+    chunks = [c.content for c in processor.process_event(event).chunks]
+    corpus.events.append(event)
+    corpus.chunks += chunks
+    corpus.chunks_by_type[data_type.value] = corpus.chunks_by_type.get(data_type.value, 0) + len(
+        chunks
+    )
+    corpus.docs_by_type[data_type.value] = corpus.docs_by_type.get(data_type.value, 0) + 1
+
+
+# -- the limit: the bare model on the pipeline's own chunks ------------------------------------
+def measure_limit(settings: Settings, chunks: list[str]) -> dict[str, Any]:
+    started = time.perf_counter()
+    embedder = get_embedder(settings.model_posts, settings.embedding_backend)
+    load_s = time.perf_counter() - started
+    step = max(1, len(chunks) // BATCH_SEARCH_CHUNKS)
+    sample = chunks[::step][:BATCH_SEARCH_CHUNKS]
+    # Warm-up: the first pass over new shapes pays one-off kernel set-up.
+    embedder.encode(sample, batch_size=16)
+    by_batch = {}
+    for batch_size in BATCH_SIZES:
+        started = time.perf_counter()
+        embedder.encode(sample, batch_size=batch_size)
+        by_batch[batch_size] = len(sample) / (time.perf_counter() - started)
+        print(f"  batch {batch_size:>3}: {by_batch[batch_size]:.1f} chunks/s on {len(sample)}")
+    best = max(by_batch, key=lambda b: by_batch[b])
+    started = time.perf_counter()
+    embedder.encode(chunks, batch_size=best)
+    elapsed = time.perf_counter() - started
+    return {
+        "backend": embedder.backend,
+        "load_s": load_s,
+        "batch_size": best,
+        "chunks_per_s_by_batch_size": {str(k): round(v, 2) for k, v in by_batch.items()},
+        "chunks": len(chunks),
+        "seconds": elapsed,
+        "chunks_per_s": len(chunks) / elapsed,
+    }
+
+
+# -- the pipeline as a subprocess ----------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Pipeline:
+    """`feature-pipeline run` in a subprocess, watched through its query server."""
+
+    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "feature_pipeline.cli", "run"],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def get(self, path: str) -> Any:
+        url = f"http://127.0.0.1:{self.settings.query_port}{path}"
+        with urllib.request.urlopen(url, timeout=60) as response:
+            body = response.read()
+        return body.decode() if path == "/metrics" else json.loads(body)
+
+    def metrics(self) -> dict[str, int]:
+        return {
+            line.split()[0].removeprefix("feature_pipeline_").removesuffix("_total"): int(
+                float(line.split()[1])
+            )
+            for line in self.get("/metrics").splitlines()
+            if line and not line.startswith("#")
+        }
+
+    def wait_ready(self, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                self.get("/metrics")
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise TimeoutError("the pipeline did not start")
+
+    def check_alive(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the pipeline exited with {self.process.returncode}:\n{tail}")
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmHWM in /proc/<pid>/status")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+        self._log.close()
+
+
+def pipeline_env(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "QDRANT_"))}
+    env.update(
+        RABBITMQ_URL=settings.rabbitmq_url,
+        RABBITMQ_QUEUE=settings.rabbitmq_queue,
+        QDRANT_PATH=str(settings.qdrant_path),
+        QUERY_PORT=str(settings.query_port),
+        EMBEDDING_BACKEND=settings.embedding_backend,
+        EMBEDDING_BATCH_SIZE=str(settings.embedding_batch_size),
+        LOG_LEVEL="INFO",
+    )
+    return env
+
+
+def measure_drain(pipeline: Pipeline, corpus: Corpus, timeout_s: float) -> dict[str, Any]:
+    """From ready to every document applied; the backlog was published before the start."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pipeline.check_alive()
+        done = pipeline.metrics()
+        if done["events_applied"] >= len(corpus.events):
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"drain not finished after {timeout_s}s: {done}")
+        time.sleep(0.1)
+    elapsed = time.perf_counter() - started
+    if done["chunks_embedded"] != len(corpus.chunks) or done["dead_letters"]:
+        raise RuntimeError(f"expected {len(corpus.chunks)} chunks embedded, got {done}")
+    return {
+        "docs": len(corpus.events),
+        "chunks": len(corpus.chunks),
+        "seconds": elapsed,
+        "docs_per_s": len(corpus.events) / elapsed,
+        "chunks_per_s": len(corpus.chunks) / elapsed,
+    }
+
+
+def measure_freshness(
+    pipeline: Pipeline,
+    publisher: EventPublisher,
+    processor: DocumentProcessor,
+    posts: list[dict[str, Any]],
+    count: int,
+) -> dict[str, Any]:
+    """Publish one post at a time to the idle pipeline; time until its chunks are searchable.
+
+    The cheap check (the applied counter, bumped after the chunks are written) ends the clock;
+    a search for the post's first chunk then confirms it; if it does not, the clock runs on.
+    """
+    latencies = []
+    counter_ms = []  # the clock at the cheap check alone
+    late = 0  # posts not found by the first search after the cheap check
+    applied = pipeline.metrics()["events_applied"]
+    run = uuid.uuid4().hex[:8]
+    for i in range(count):
+        source = posts[i % len(posts)]
+        text = f"Freshness probe {run}-{i}. " + str(source["content"]["text"])
+        document = {**source, "_id": f"fresh-{run}-{i}", "content": {"text": text}}
+        event = insert_event(DataType.POSTS, document)
+        first_chunk = processor.process_event(event).chunks[0].content
+        time.sleep(0.2)  # idle between documents, as a trickle of edits would be
+        started = time.perf_counter()
+        deadline = time.monotonic() + 60
+        publisher.publish([event])
+        while pipeline.metrics()["events_applied"] <= applied:
+            _check_deadline(pipeline, deadline, event.entry_id)
+            time.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        counter_ms.append(elapsed * 1000)
+        applied += 1
+        found = _searchable(pipeline, first_chunk, event.entry_id)
+        late += not found
+        while not found:
+            _check_deadline(pipeline, deadline, event.entry_id)
+            time.sleep(0.01)
+            found = _searchable(pipeline, first_chunk, event.entry_id)
+            elapsed = time.perf_counter() - started
+        latencies.append(elapsed * 1000)
+    latencies.sort()
+    return {
+        "documents": count,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))],
+        "max_ms": latencies[-1],
+        "mean_ms": statistics.fmean(latencies),
+        "counter_p50_ms": statistics.median(counter_ms),
+        "not_found_by_first_search": late,
+    }
+
+
+def _check_deadline(pipeline: Pipeline, deadline: float, entry_id: str) -> None:
+    pipeline.check_alive()
+    if time.monotonic() > deadline:
+        raise TimeoutError(f"post {entry_id} not searchable after 60 s")
+
+
+def _searchable(pipeline: Pipeline, chunk: str, entry_id: str) -> bool:
+    query = urllib.parse.urlencode({"q": chunk, "type": "posts", "k": 5})
+    hits = pipeline.get(f"/search?{query}")
+    return any(hit.get("entry_id") == entry_id for hit in hits)
+
+
+def delete_topology(settings: Settings) -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    channel = connection.channel()
+    for queue in [settings.rabbitmq_queue, settings.dead_letter_queue, *settings.shard_queues]:
+        channel.queue_delete(queue=queue)
+    channel.exchange_delete(exchange=router_exchange(settings))
+    connection.close()
+
+
+# -- report ----------------------------------------------------------------------------------
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    flags: set[str] = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name") and cpu == "unknown":
+            cpu = line.split(":", 1)[1].strip()
+        if line.startswith("flags") and not flags:
+            flags = set(line.split(":", 1)[1].split())
+    packages = ("torch", "sentence-transformers", "transformers", "qdrant-client", "bytewax")
+    return {
+        "cpu": cpu,
+        "cores_available": available_cores(),
+        "cpu_bf16": bool({"avx512_bf16", "amx_bf16"} & flags),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        **{name: version(name) for name in packages},
+    }
+
+
+def print_table(result: dict[str, Any]) -> None:
+    limit, drain, fresh = result["limit"], result["pipeline"], result["freshness"]
+    ratio = result["ratio_to_limit"]
+    rows = [
+        ("corpus", f"{drain['docs']} docs, {drain['chunks']} chunks", ""),
+        ("backend", limit["backend"], ""),
+        (
+            "bare model (the limit)",
+            f"{limit['chunks_per_s']:.1f} chunks/s (best batch size {limit['batch_size']})",
+            "",
+        ),
+        ("pipeline start-up (model load)", f"{result['startup_s']:.1f} s", ""),
+        (
+            "pipeline drain",
+            f"{drain['chunks_per_s']:.1f} chunks/s, {drain['docs_per_s']:.1f} docs/s "
+            f"(EMBEDDING_BATCH_SIZE {result['pipeline_batch_size']})",
+            "",
+        ),
+        ("ratio to the limit", f"{ratio:.2f}", _verdict(ratio >= TARGET_RATIO, ">= 0.9")),
+        (
+            "freshness p50",
+            f"{fresh['p50_ms']:.0f} ms",
+            _verdict(fresh["p50_ms"] <= TARGET_P50_MS, "<= 300 ms"),
+        ),
+        (
+            "freshness p99",
+            f"{fresh['p99_ms']:.0f} ms",
+            _verdict(fresh["p99_ms"] <= TARGET_P99_MS, "<= 1000 ms"),
+        ),
+        (
+            "peak RSS (pipeline)",
+            f"{result['peak_rss_mb']:.0f} MB",
+            _verdict(result["peak_rss_mb"] <= TARGET_RSS_MB, "<= 1536 MB"),
+        ),
+        ("load average (start / end)", f"{result['load_start']} / {result['load_end']}", ""),
+    ]
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    print()
+    for name, value, verdict in rows:
+        print(f"{name:<{width}}  {value:<{value_width}}  {verdict}")
+
+
+def _verdict(ok: bool, target: str) -> str:
+    return f"{'ok' if ok else 'MISSED'} (target {target})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--max-chunks",
+        type=int,
+        default=3000,
+        help="add standard-library repositories until the corpus has this many chunks",
+    )
+    parser.add_argument("--freshness-docs", type=int, default=60)
+    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
+    args = parser.parse_args()
+
+    load_start = os.getloadavg()
+    workdir = Path(tempfile.mkdtemp(prefix="feature-pipeline-bench-"))
+    # Everything but the queue, the store and the port comes from the environment (defaults).
+    settings = load_settings(
+        _env_file=None,
+        rabbitmq_queue=f"bench-{uuid.uuid4().hex[:12]}",
+        qdrant_path=workdir / "qdrant",
+        query_port=free_port(),
+    )
+    pipeline: Pipeline | None = None
+    try:
+        print(f"building the corpus in {workdir} ...")
+        processor = DocumentProcessor(settings)
+        corpus = build_corpus(processor, args.max_chunks, workdir)
+        print(
+            f"  {len(corpus.events)} documents {corpus.docs_by_type}, {len(corpus.chunks)} chunks "
+            f"{corpus.chunks_by_type}; repositories: {', '.join(corpus.repositories)}"
+        )
+
+        print("measuring the bare model on the pipeline's chunks ...")
+        limit = measure_limit(settings, corpus.chunks)
+        print(f"  limit: {limit['chunks_per_s']:.1f} chunks/s at batch size {limit['batch_size']}")
+
+        print(f"publishing {len(corpus.events)} documents to {settings.rabbitmq_queue} ...")
+        started = time.perf_counter()
+        with EventPublisher(settings) as publisher:
+            publisher.publish(corpus.events)
+        publish_s = time.perf_counter() - started
+
+        print("starting `feature-pipeline run` ...")
+        started = time.perf_counter()
+        env = pipeline_env(settings)
+        pipeline = Pipeline(settings, env, workdir / "pipeline.log")
+        pipeline.wait_ready()
+        startup_s = time.perf_counter() - started
+        print(f"  ready after {startup_s:.1f}s; draining ...")
+        drain = measure_drain(pipeline, corpus, timeout_s=max(600.0, 3 * limit["seconds"]))
+        print(f"  drained in {drain['seconds']:.1f}s: {drain['chunks_per_s']:.1f} chunks/s")
+
+        print(f"freshness: {args.freshness_docs} posts, one at a time ...")
+        posts = read_jsonl(SAMPLES / "posts.jsonl")
+        with EventPublisher(settings) as publisher:
+            fresh = measure_freshness(pipeline, publisher, processor, posts, args.freshness_docs)
+        peak_rss_mb = pipeline.peak_rss_mb()
+        pipeline.stop()
+
+        result = {
+            "command": "make bench  (.venv/bin/python bench/run.py)",
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "load_start": " ".join(f"{x:.2f}" for x in load_start),
+            "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "corpus": {
+                "documents": corpus.docs_by_type,
+                "chunks": corpus.chunks_by_type,
+                "repositories": corpus.repositories,
+            },
+            "limit": limit,
+            "publish_s": publish_s,
+            "startup_s": startup_s,
+            "pipeline": drain,
+            "pipeline_batch_size": settings.embedding_batch_size,
+            "ratio_to_limit": drain["chunks_per_s"] / limit["chunks_per_s"],
+            "freshness": fresh,
+            "peak_rss_mb": peak_rss_mb,
+        }
+        print_table(result)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.output}")
+        return 0
+    finally:
+        if pipeline is not None:
+            pipeline.stop()
+        delete_topology(settings)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
