@@ -47,7 +47,9 @@ def change(
 
 
 def chunk_contents(store: FeatureStore, data_type: DataType, entry_id: str) -> list[str]:
-    points = [p for p in store.scroll(data_type.vector_collection) if p.payload["entry_id"] == entry_id]
+    points = [
+        p for p in store.scroll(data_type.vector_collection) if p.payload["entry_id"] == entry_id
+    ]
     return [p.payload["content"] for p in sorted(points, key=lambda p: p.payload["chunk_index"])]
 
 
@@ -71,7 +73,10 @@ def test_editing_one_paragraph_re_embeds_only_the_changed_chunks(
     middle = len(text) // 2
     edited_doc = {
         **ARTICLE,
-        "content": {**ARTICLE["content"], "Content": text[:middle] + " A NEW SENTENCE. " + text[middle:]},
+        "content": {
+            **ARTICLE["content"],
+            "Content": text[:middle] + " A NEW SENTENCE. " + text[middle:],
+        },
     }
     edited = change(processor, DataType.ARTICLES, "a", edited_doc, ts=2)
     second = sync.apply([edited])
@@ -144,7 +149,9 @@ def test_unversioned_course_messages_keep_the_known_version(
 ) -> None:
     store = FeatureStore.open(settings)
     sync.apply([change(processor, DataType.POSTS, "p", POST, ts=10)])
-    sync.apply([change(processor, DataType.POSTS, "p", {**POST, "content": {"text": "new"}}, ts=None)])
+    sync.apply(
+        [change(processor, DataType.POSTS, "p", {**POST, "content": {"text": "new"}}, ts=None)]
+    )
     assert cleaned(store, DataType.POSTS, "p") == "new"
     stale = sync.apply([change(processor, DataType.POSTS, "p", POST, ts=4)])
     assert stale.stale == 1 and cleaned(store, DataType.POSTS, "p") == "new"

@@ -73,4 +73,3 @@ class DocumentChange(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.type.value}:{self.entry_id}"
-
