@@ -22,8 +22,10 @@ log = logging.getLogger("feature_pipeline")
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    # Services log their progress; one-shot queries print only their answer (and warnings).
+    quiet = args.command in ("search", "counts")
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=os.environ.get("LOG_LEVEL", "WARNING" if quiet else "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # pika logs every connection step at INFO; its warnings and errors still show.

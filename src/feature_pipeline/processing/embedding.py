@@ -228,7 +228,10 @@ class Embedder:
 
     def __init__(self, model: str, backend: str = "auto") -> None:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as transformers_logging
 
+        # A progress bar per weight load clutters logs and the CLI's output.
+        transformers_logging.disable_progress_bar()
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(
                 f"EMBEDDING_BACKEND must be auto or one of {BACKENDS}, got {backend!r}"
