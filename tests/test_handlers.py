@@ -49,7 +49,7 @@ def assert_valid_chunks(
     cleaned: CleanedDocument, chunks: Sequence[Chunk], splitter: TokenSplitter
 ) -> None:
     text = cleaned.cleaned_content
-    metadata = cleaned.model_dump(exclude={"type", "entry_id", "cleaned_content", "image"})
+    metadata = cleaned.model_dump(exclude={"type", "entry_id", "cleaned_content", "image", "files"})
     covered = [False] * len(text)
     assert [chunk.chunk_index for chunk in chunks] == list(range(len(chunks)))
     for chunk in chunks:
@@ -169,6 +169,8 @@ def test_sample_repositories(splitter: TokenSplitter) -> None:
         assert all(isinstance(chunk, RepositoryChunk) for chunk in chunks)
         assert_valid_chunks(cleaned, chunks, splitter)
         sections = repository_sections(document, cleaned)
+        assert [range(f.start, f.end) for f in cleaned.files] == sections
+        assert [f.path for f in cleaned.files] == sorted(document["content"])
         for chunk in chunks:
             assert any(chunk.start in s and chunk.end - 1 in s for s in sections), chunk.content
         # Every file starts a chunk with its header line.

@@ -55,8 +55,16 @@ class CleanedArticle(CleanedDocument, ArticleFields):
     pass
 
 
+class FileSpan(_Frozen):
+    """Where one file's section (its "# path" line, then its text) lies in `cleaned_content`."""
+
+    path: str
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+
 class CleanedRepository(CleanedDocument, RepositoryFields):
-    pass
+    files: tuple[FileSpan, ...] = ()
 
 
 class Chunk(_Frozen):
