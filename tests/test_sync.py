@@ -7,11 +7,12 @@ from collections.abc import Iterator
 import pytest
 
 from feature_pipeline.connectors.qdrant.sink import build_sync
-from feature_pipeline.connectors.qdrant.store import FeatureStore
+from feature_pipeline.connectors.qdrant.store import SYNC_STATE_COLLECTION, FeatureStore
 from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.domain.events import ChangeEvent, Op
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
+from feature_pipeline.processing.embedding import get_embedder
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 from feature_pipeline.sync import FeatureSync
@@ -164,3 +165,46 @@ def test_metrics_count_embeddings(settings: Settings, processor: DocumentProcess
     sync.apply([event])
     assert own.get("chunks_embedded") == len(event.chunks)
     assert own.get("events_applied") == 1
+
+
+class _CrashBeforeFinalState:
+    """The real store, failing on the final sync-state write of one batch: a process dying
+    after the chunks were written but before the new version was recorded."""
+
+    def __init__(self, store: FeatureStore) -> None:
+        self._store = store
+        self._state_writes = 0
+
+    def upsert(self, collection: str, points: list) -> None:
+        if collection == SYNC_STATE_COLLECTION:
+            self._state_writes += 1
+            if self._state_writes == 2:
+                raise ConnectionError("killed before the final state")
+        self._store.upsert(collection, points)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+def test_a_crash_before_the_final_state_leaves_no_orphan_chunks(
+    settings: Settings, sync: FeatureSync, processor: DocumentProcessor
+) -> None:
+    store = FeatureStore.open(settings)
+    sync.apply([change(processor, DataType.ARTICLES, "a", ARTICLE, ts=1)])
+    text = ARTICLE["content"]["Content"]
+    v2 = {**ARTICLE, "content": {**ARTICLE["content"], "Content": "Version two. " + text[:3000]}}
+    crashing = FeatureSync(
+        _CrashBeforeFinalState(store),  # type: ignore[arg-type]
+        lambda t: get_embedder(settings.model_for(t), settings.embedding_backend),
+        Metrics(),
+    )
+    with pytest.raises(ConnectionError):
+        crashing.apply([change(processor, DataType.ARTICLES, "a", v2, ts=2)])
+    # The replay brings a newer version whose chunks share nothing with version two's.
+    v3 = {
+        **ARTICLE,
+        "content": {**ARTICLE["content"], "Content": "Version three. " + text[5000:8000]},
+    }
+    final = change(processor, DataType.ARTICLES, "a", v3, ts=3)
+    sync.apply([final])
+    assert chunk_contents(store, DataType.ARTICLES, "a") == [c.content for c in final.chunks]

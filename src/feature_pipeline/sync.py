@@ -7,9 +7,11 @@ For one batch of changes (all owned by the calling sink partition):
    so a replayed older event never makes the store older (deletes leave a versioned tombstone);
 3. look up each chunk by its deterministic id; a chunk with the same text and model keeps its
    stored vector, only the others are embedded, together, one model call per model;
-4. write the chunks, delete the document's other chunks, write (or delete) the cleaned snapshot,
-   and last the new version: a crash between these steps replays the change, and every step is
-   idempotent.
+4. record in the document's sync state every chunk id it may now have (old and new), write the
+   chunks, delete the old chunks not in the new version (by id: the state lists them, so no
+   collection scan), write (or delete) the cleaned snapshot, and last the new version with the
+   new chunk ids. A crash between these steps replays the change, every step is idempotent, and
+   the state always lists every chunk the document has, so nothing is orphaned.
 """
 
 from __future__ import annotations
@@ -98,12 +100,20 @@ class FeatureSync:
         planned = {c.key: self._plan_chunks(c) for c in todo if c.cleaned is not None}
         embedded, reused = self._fill_vectors([p for plan in planned.values() for p in plan])
 
+        previous = {c.key: states.get(document_point_id(c.type, c.entry_id)) for c in todo}
+        new_ids = {c.key: frozenset(i.point_id for i in planned.get(c.key, [])) for c in todo}
+        self._record_pending_chunks(todo, previous, new_ids)
         by_type: dict[DataType, list[DocumentChange]] = defaultdict(list)
         for change in todo:
             by_type[change.type].append(change)
         for data_type, type_changes in by_type.items():
-            self._write(data_type, type_changes, planned)
-        self._write_states(todo, states)
+            stale_ids = [
+                point_id
+                for c in type_changes
+                for point_id in _chunk_ids(previous[c.key]) - new_ids[c.key]
+            ]
+            self._write(data_type, type_changes, planned, stale_ids)
+        self._write_states(todo, previous, new_ids)
 
         self._metrics.add("events_applied", len(todo))
         self._metrics.add("events_superseded", superseded)
@@ -158,6 +168,7 @@ class FeatureSync:
         data_type: DataType,
         changes: list[DocumentChange],
         planned: dict[str, list[_PlannedChunk]],
+        stale_ids: list[str],
     ) -> None:
         chunk_points = [
             models.PointStruct(
@@ -170,10 +181,7 @@ class FeatureSync:
             if not item.unchanged
         ]
         self._store.upsert(data_type.vector_collection, chunk_points)
-        self._store.delete_chunks_except(
-            data_type,
-            {c.entry_id: [i.point_id for i in planned.get(c.key, [])] for c in changes},
-        )
+        self._store.delete_ids(data_type.vector_collection, stale_ids)
         cleaned_points = [
             models.PointStruct(
                 id=document_point_id(data_type, c.entry_id),
@@ -189,19 +197,53 @@ class FeatureSync:
             [document_point_id(data_type, c.entry_id) for c in changes if c.cleaned is None],
         )
 
-    def _write_states(self, changes: list[DocumentChange], states: dict[str, SyncState]) -> None:
+    def _record_pending_chunks(
+        self,
+        changes: list[DocumentChange],
+        previous: dict[str, SyncState | None],
+        new_ids: dict[str, frozenset[str]],
+    ) -> None:
+        """Before any chunk is written, list it in its document's state (with the old version), so
+        a crash before the final state still lets the replay find it."""
         points = []
         for change in changes:
-            point_id = document_point_id(change.type, change.entry_id)
-            previous = states.get(point_id)
+            before = previous[change.key]
+            if new_ids[change.key] <= _chunk_ids(before):
+                continue
+            pending = SyncState(
+                version=before.version if before else None,
+                deleted=before.deleted if before else True,
+                chunk_ids=_chunk_ids(before) | new_ids[change.key],
+            )
+            points.append(_state_point(change, pending))
+        self._store.upsert(SYNC_STATE_COLLECTION, points)
+
+    def _write_states(
+        self,
+        changes: list[DocumentChange],
+        previous: dict[str, SyncState | None],
+        new_ids: dict[str, frozenset[str]],
+    ) -> None:
+        points = []
+        for change in changes:
+            before = previous[change.key]
             # An unversioned change (the course's message shape) keeps the known version, so a
             # replayed older versioned event still cannot win.
-            version = change.ts if change.ts is not None else (previous and previous.version)
-            payload = {
-                "type": change.type.value,
-                "entry_id": change.entry_id,
-                "version": version,
-                "deleted": change.cleaned is None,
-            }
-            points.append(models.PointStruct(id=point_id, vector={}, payload=payload))
+            version = change.ts if change.ts is not None else (before.version if before else None)
+            state = SyncState(
+                version=version, deleted=change.cleaned is None, chunk_ids=new_ids[change.key]
+            )
+            points.append(_state_point(change, state))
         self._store.upsert(SYNC_STATE_COLLECTION, points)
+
+
+def _chunk_ids(state: SyncState | None) -> frozenset[str]:
+    return state.chunk_ids if state is not None else frozenset()
+
+
+def _state_point(change: DocumentChange, state: SyncState) -> models.PointStruct:
+    return models.PointStruct(
+        id=document_point_id(change.type, change.entry_id),
+        vector={},
+        payload=state.payload(change.type, change.entry_id),
+    )

@@ -28,10 +28,21 @@ class StoreLocked(RuntimeError):
 
 @dataclass(frozen=True)
 class SyncState:
-    """The newest change applied to a document (a tombstone when `deleted`)."""
+    """The newest change applied to a document (a tombstone when `deleted`), and the ids of every
+    chunk point the document may have in the store."""
 
     version: int | None
     deleted: bool
+    chunk_ids: frozenset[str] = frozenset()
+
+    def payload(self, data_type: DataType, entry_id: str) -> dict[str, Any]:
+        return {
+            "type": data_type.value,
+            "entry_id": entry_id,
+            "version": self.version,
+            "deleted": self.deleted,
+            "chunk_ids": sorted(self.chunk_ids),
+        }
 
 
 @dataclass(frozen=True)
@@ -138,7 +149,11 @@ class FeatureStore:
         with self._lock:
             records = self._client.retrieve(SYNC_STATE_COLLECTION, list(ids), with_vectors=False)
         return {
-            str(r.id): SyncState(version=r.payload.get("version"), deleted=r.payload["deleted"])
+            str(r.id): SyncState(
+                version=r.payload.get("version"),
+                deleted=r.payload["deleted"],
+                chunk_ids=frozenset(r.payload.get("chunk_ids", ())),
+            )
             for r in records
             if r.payload is not None
         }
@@ -195,40 +210,4 @@ class FeatureStore:
             with self._lock:
                 self._client.delete(
                     collection, points_selector=models.PointIdsList(points=list(ids)), wait=True
-                )
-
-    def delete_chunks_except(self, data_type: DataType, keep: dict[str, list[str]]) -> None:
-        """For each entry id, delete its chunks whose id is not in the kept list.
-
-        Lists the documents' chunk ids (one filtered scroll on `entry_id`), then deletes the
-        others by id. A single filter delete with one clause per document costs the same on a
-        server, but local mode evaluates it point by point and clause by clause: it took
-        O(points x documents) and ~10% of a backfill's time.
-        """
-        if not keep:
-            return
-        collection = data_type.vector_collection
-        # A chunk id embeds its entry id, so one set of kept ids serves every document.
-        kept = {point_id for ids in keep.values() for point_id in ids}
-        documents = models.Filter(
-            must=[models.FieldCondition(key="entry_id", match=models.MatchAny(any=list(keep)))]
-        )
-        stale: list[str] = []
-        offset = None
-        with self._lock:
-            while True:
-                page, offset = self._client.scroll(
-                    collection,
-                    scroll_filter=documents,
-                    limit=10_000,
-                    offset=offset,
-                    with_payload=False,
-                    with_vectors=False,
-                )
-                stale += [str(p.id) for p in page if str(p.id) not in kept]
-                if offset is None:
-                    break
-            if stale:
-                self._client.delete(
-                    collection, points_selector=models.PointIdsList(points=stale), wait=True
                 )
