@@ -28,8 +28,8 @@ from typing import Any
 
 import pika
 
+from feature_pipeline.connectors.rabbitmq import topology
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-from feature_pipeline.connectors.rabbitmq.topology import router_exchange
 from feature_pipeline.domain.events import ChangeEvent, Op
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.embedding import available_cores, get_embedder
@@ -311,10 +311,7 @@ def _searchable(pipeline: Pipeline, chunk: str, entry_id: str) -> bool:
 
 def delete_topology(settings: Settings) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    channel = connection.channel()
-    for queue in [settings.rabbitmq_queue, settings.dead_letter_queue, *settings.shard_queues]:
-        channel.queue_delete(queue=queue)
-    channel.exchange_delete(exchange=router_exchange(settings))
+    topology.delete_topology(connection.channel(), settings)
     connection.close()
 
 

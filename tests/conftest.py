@@ -15,7 +15,7 @@ import pika
 import pytest
 
 from feature_pipeline.connectors.qdrant.store import close_stores
-from feature_pipeline.connectors.rabbitmq.topology import router_exchange
+from feature_pipeline.connectors.rabbitmq import topology
 from feature_pipeline.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,11 +42,16 @@ def settings(tmp_path: Path) -> Iterator[Settings]:
 
 def delete_topology(settings: Settings) -> None:
     connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    channel = connection.channel()
-    for queue in [settings.rabbitmq_queue, settings.dead_letter_queue, *settings.shard_queues]:
-        channel.queue_delete(queue=queue)
-    channel.exchange_delete(exchange=router_exchange(settings))
+    topology.delete_topology(connection.channel(), settings)
     connection.close()
+
+
+def queue_depth(settings: Settings, queue: str) -> int:
+    """Messages ready in a queue (not counting delivered, unacknowledged ones)."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    depth = connection.channel().queue_declare(queue, passive=True).method.message_count
+    connection.close()
+    return int(depth)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -8,7 +8,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import pika
 import pytest
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore
@@ -18,7 +17,7 @@ from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
 
-from .conftest import SAMPLES, read_jsonl
+from .conftest import SAMPLES, queue_depth, read_jsonl
 from .pipeline_process import InProcessPipeline
 
 pytestmark = pytest.mark.slow
@@ -36,13 +35,6 @@ def events(prefix: str) -> list[ChangeEvent]:
         )
         for doc in posts
     ]
-
-
-def queue_depth(settings: Settings, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    depth = connection.channel().queue_declare(queue, passive=True).method.message_count
-    connection.close()
-    return depth
 
 
 def cleaned_ids(settings: Settings) -> set[str]:

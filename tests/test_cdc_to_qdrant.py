@@ -24,9 +24,9 @@ from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
-from .conftest import SAMPLES, read_jsonl
+from .conftest import SAMPLES, queue_depth, read_jsonl
 from .pipeline_process import PipelineProcess
-from .test_pipeline_e2e import queue_depth, stored_chunks
+from .test_pipeline_e2e import stored_chunks
 from .warehouse import (
     Warehouse,
     ensure_logical_postgres,

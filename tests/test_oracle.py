@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pika
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
@@ -29,7 +28,7 @@ from feature_pipeline.metrics import metrics
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings, load_settings
 
-from .conftest import SAMPLES, delete_topology, read_jsonl
+from .conftest import SAMPLES, delete_topology, queue_depth, read_jsonl
 from .pipeline_process import InProcessPipeline, PipelineProcess
 
 pytestmark = pytest.mark.slow
@@ -207,14 +206,7 @@ def test_random_sequences_leave_the_store_equal_to_the_warehouse(
 
 
 def queue_depths(settings: Settings) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    channel = connection.channel()
-    total = sum(
-        channel.queue_declare(q, passive=True).method.message_count
-        for q in [settings.rabbitmq_queue, *settings.shard_queues]
-    )
-    connection.close()
-    return total
+    return sum(queue_depth(settings, q) for q in [settings.rabbitmq_queue, *settings.shard_queues])
 
 
 @pytest.mark.parametrize("seed", [7, 2024])

@@ -16,7 +16,7 @@ from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
-from .conftest import SAMPLES, read_jsonl
+from .conftest import SAMPLES, queue_depth, read_jsonl
 from .pipeline_process import PipelineProcess
 
 pytestmark = pytest.mark.slow
@@ -55,13 +55,6 @@ def drain(settings: Settings, queue: str) -> list[tuple[dict, bytes]]:
         messages.append((properties.headers or {}, body))
     connection.close()
     return messages
-
-
-def queue_depth(settings: Settings, queue: str) -> int:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    depth = connection.channel().queue_declare(queue, passive=True).method.message_count
-    connection.close()
-    return depth
 
 
 def test_three_types_both_shapes_mixed_batch(settings: Settings, tmp_path: Path) -> None:

@@ -61,6 +61,14 @@ def declare_topology(channel: BlockingChannel, settings: Settings) -> None:
         channel.queue_bind(queue=queue, exchange=exchange, routing_key="1")
 
 
+def delete_topology(channel: BlockingChannel, settings: Settings) -> None:
+    """Remove every queue and the router of this topology, messages included (tests, benches,
+    tearing a deployment down)."""
+    for queue in [settings.rabbitmq_queue, settings.dead_letter_queue, *settings.shard_queues]:
+        channel.queue_delete(queue=queue)
+    channel.exchange_delete(exchange=router_exchange(settings))
+
+
 def consumed_queues(settings: Settings) -> list[str]:
     """Every queue the pipeline reads, one Bytewax partition each."""
     return [settings.rabbitmq_queue, *settings.shard_queues]
