@@ -61,3 +61,10 @@ def test_a_hub_model_name_fails_fast_without_network(settings: Settings) -> None
     done = cli(settings, "search", "x", "--type", "posts", env=env)
     assert done.returncode == 1
     assert "MODEL_POSTS" in done.stderr or "BAAI/bge-small-en-v1.5" in done.stderr
+
+
+def test_chunks_longer_than_the_model_reads_are_refused_at_start(settings: Settings) -> None:
+    env = settings_env(settings) | {"CHUNK_SIZE_ARTICLES": "300"}
+    done = cli(settings, "backfill", str(SAMPLES / "articles.jsonl"), env=env)
+    assert done.returncode == 2
+    assert "CHUNK_SIZE_ARTICLES=300" in done.stderr and "at most 254" in done.stderr

@@ -90,15 +90,6 @@ def resolve_model_path(model: str) -> str:
     )
 
 
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bfloat16 matrix instructions (AVX512-BF16 or AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def available_cores() -> int:
     """Cores this process may run on (its affinity mask, so a container's cpuset is honoured)."""
     try:
@@ -249,6 +240,7 @@ class Embedder:
             self.backend = backend
         self._model = _as_backend(fp32_model, self.backend)
         self.dimension = int(self._model.get_embedding_dimension())
+        #: Word pieces per text, special tokens included; longer texts would be truncated.
         self.max_seq_length = int(self._model.max_seq_length)
         # Workers of one process share the model: one forward pass at a time keeps torch's
         # intra-op threads from oversubscribing the cores.

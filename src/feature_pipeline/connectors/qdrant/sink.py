@@ -17,8 +17,9 @@ from feature_pipeline.connectors.retry import retry_with_backoff
 from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics, metrics
+from feature_pipeline.processing.chunking import load_tokenizer
 from feature_pipeline.processing.embedding import Embedder, get_embedder
-from feature_pipeline.settings import Settings
+from feature_pipeline.settings import Settings, SettingsError
 from feature_pipeline.sync import FeatureSync
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,23 @@ def build_sync(settings: Settings, counters: Metrics = metrics) -> FeatureSync:
     def embedder_for(data_type: DataType) -> Embedder:
         return get_embedder(settings.model_for(data_type), settings.embedding_backend)
 
+    for data_type in DataType:
+        check_chunk_size(settings, data_type, embedder_for(data_type))
     store.ensure_collections({t: embedder_for(t).dimension for t in DataType})
     return FeatureSync(store, embedder_for, counters, settings.embedding_batch_size)
+
+
+def check_chunk_size(settings: Settings, data_type: DataType, embedder: Embedder) -> None:
+    """Fail at start when chunks could exceed the model's window: it would truncate them silently."""
+    special = load_tokenizer(embedder.path).post_processor.num_special_tokens_to_add(False)
+    limit = embedder.max_seq_length - special
+    size = settings.chunk_size_for(data_type)
+    if size > limit:
+        raise SettingsError(
+            f"CHUNK_SIZE_{data_type.value.upper()}={size} exceeds what {embedder.name} reads: "
+            f"{embedder.max_seq_length} word pieces including {special} special tokens, so at "
+            f"most {limit}"
+        )
 
 
 class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
