@@ -81,7 +81,7 @@ class FeatureSync:
         store: FeatureStore,
         embedder_for: Callable[[DataType], Embedder],
         metrics: Metrics,
-        embed_batch_size: int = 32,
+        embed_batch_size: int = 16,
     ) -> None:
         self._store = store
         self._embedder_for = embedder_for
