@@ -22,6 +22,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "data" / "samples"
 
 
+@pytest.fixture(autouse=True)
+def _no_leftover_pipelines() -> Iterator[None]:
+    """Kill any `feature-pipeline run` subprocess a (failed) test left behind."""
+    yield
+    from .pipeline_process import kill_leftovers
+
+    kill_leftovers()
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Iterator[Settings]:
     """Settings with a queue topology and an embedded store of this test's own."""

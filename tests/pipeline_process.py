@@ -19,6 +19,17 @@ from feature_pipeline.settings import Settings
 
 from .conftest import free_port, settings_env
 
+#: Every pipeline subprocess a test started, so a failing test cannot leave one running.
+STARTED: list[subprocess.Popen[bytes]] = []
+
+
+def kill_leftovers() -> None:
+    while STARTED:
+        process = STARTED.pop()
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+
 
 @dataclass
 class PipelineProcess:
@@ -39,6 +50,7 @@ class PipelineProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        STARTED.append(self.process)
         self.wait_ready()
         return self
 
