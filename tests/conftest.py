@@ -10,12 +10,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pika
 import pytest
 
 from feature_pipeline.connectors.qdrant.store import close_stores
 from feature_pipeline.connectors.rabbitmq import topology
+from feature_pipeline.domain.events import ChangeEvent
+from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,3 +87,15 @@ def read_jsonl(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def final_state(events: list[ChangeEvent]) -> dict[tuple[DataType, str], Any]:
+    """What the pipeline holds after its version guard (`feature_pipeline.sync.is_stale`): per
+    document, an event applies only when its ts is larger than the stored one."""
+    versions: dict[tuple[DataType, str], tuple[int, Any]] = {}
+    for event in events:
+        key = (event.type, event.entry_id)
+        assert event.ts is not None
+        if key not in versions or event.ts > versions[key][0]:
+            versions[key] = (event.ts, event.document)
+    return {key: doc for key, (_ts, doc) in versions.items() if doc is not None}

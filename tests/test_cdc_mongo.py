@@ -51,7 +51,7 @@ from feature_pipeline.domain.events import ChangeEvent, Op, parse_event
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
-from .conftest import delete_topology
+from .conftest import delete_topology, final_state
 
 COLLECTIONS = {t.value: t for t in DataType}
 NS_DB = "twin"
@@ -248,18 +248,6 @@ def drain(settings: Settings) -> list[ChangeEvent]:
             events.append(parse_event(body))
     connection.close()
     return events
-
-
-def final_state(events: list[ChangeEvent]) -> dict[tuple[DataType, str], Any]:
-    """What the pipeline holds after its version guard: like `feature_pipeline.sync.is_stale`,
-    an event applies only when its ts is larger than the stored one."""
-    versions: dict[tuple[DataType, str], tuple[int, Any]] = {}
-    for event in events:
-        key = (event.type, event.entry_id)
-        assert event.ts is not None
-        if key not in versions or event.ts > versions[key][0]:
-            versions[key] = (event.ts, event.document)
-    return {k: doc for k, (_ts, doc) in versions.items() if doc is not None}
 
 
 def warehouse_state(server: ScriptedMongo) -> dict[tuple[DataType, str], Any]:

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pika
 import psycopg
@@ -23,7 +22,7 @@ from feature_pipeline.domain.events import ChangeEvent, Op, parse_event
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
-from .conftest import delete_topology
+from .conftest import delete_topology, final_state
 from .warehouse import (
     DSN,
     TABLES,
@@ -106,17 +105,6 @@ def per_document(events: list[ChangeEvent]) -> dict[tuple[DataType, str], list[C
     for event in events:
         grouped.setdefault((event.type, event.entry_id), []).append(event)
     return grouped
-
-
-def apply_with_version_guard(events: list[ChangeEvent]) -> dict[tuple[DataType, str], Any]:
-    """What the pipeline ends up holding: per document, the first event with the largest ts wins (the guard is strict, as in sync.is_stale)."""
-    versions: dict[tuple[DataType, str], tuple[int, dict[str, Any] | None]] = {}
-    for event in events:
-        key = (event.type, event.entry_id)
-        assert event.ts is not None
-        if key not in versions or event.ts > versions[key][0]:
-            versions[key] = (event.ts, event.document)
-    return {key: doc for key, (_ts, doc) in versions.items() if doc is not None}
 
 
 # --- running the service ---------------------------------------------------------------------
@@ -250,7 +238,7 @@ def test_snapshot_then_stream_has_no_gap(
     writer_conn.close()
 
     expected = warehouse.rows()
-    reader.wait_for(lambda events: apply_with_version_guard(events) == expected)
+    reader.wait_for(lambda events: final_state(events) == expected)
     run.finish()
 
     # The snapshot: every row then present, as inserts stamped with the slot's consistent point.
