@@ -304,6 +304,11 @@ def streaming(path: Path) -> bool:
     return path.exists() and json.loads(path.read_text())["phase"] == "streaming"
 
 
+def streaming_from_a_token(path: Path) -> bool:
+    """Streaming, and a resume token saved: the snapshot's own last save has none."""
+    return streaming(path) and json.loads(path.read_text())["resume_token"] is not None
+
+
 def make_source(server: ScriptedMongo, path: Path, *, snapshot: bool = False) -> MongoSource:
     return MongoSource(
         COLLECTIONS, FilePositionStore(path), server.connect, snapshot=snapshot, idle_save_every_s=0
@@ -791,8 +796,9 @@ def test_a_crash_after_a_transaction_republishes_it_whole_then_resumes_after_it(
     server = ScriptedMongo()
     seed(server)
     path = tmp_path / "state.json"
-    run_until(make_source(server, path), settings, lambda: streaming(path))
+    run_until(make_source(server, path), settings, lambda: streaming_from_a_token(path))
     before = json.loads(path.read_text())["resume_token"]
+    assert before is not None
     transaction_of_many_kinds(server)
     server.update("posts", "p3", platform="after")
 
