@@ -355,7 +355,7 @@ def test_every_document_event_kind_maps_to_its_envelope() -> None:
     }
     replace = {**base, **key, "operationType": "replace", "fullDocument": full}
     delete = {**base, **key, "operationType": "delete"}
-    ts_int = (1_714_564_800 << 32) | 7
+    ts_int = (1_714_564_800 << 31) | 7
 
     for change, op in ((insert, Op.INSERT), (update, Op.UPDATE), (replace, Op.REPLACE)):
         event = map_change(change, COLLECTIONS)
@@ -424,10 +424,23 @@ def test_drop_of_an_unwatched_collection_is_ignored() -> None:
 
 
 def test_cluster_time_as_int_keeps_the_order_of_timestamps() -> None:
-    stamps = [Timestamp(1, 0), Timestamp(1, 1), Timestamp(1, 0xFFFFFFFF), Timestamp(2, 0)]
+    stamps = [
+        Timestamp(1, 0),
+        Timestamp(1, 1),
+        Timestamp(1, 2**31 - 1),
+        Timestamp(2, 0),
+        Timestamp(2**31, 0),  # January 2038
+        Timestamp(2**32 - 1, 2**31 - 1),  # February 2106, the last second BSON can hold
+    ]
     ints = [timestamp_to_int(s) for s in stamps]
     assert ints == sorted(ints) and len(set(ints)) == len(ints)
+    assert ints[-1] < 2**63  # a signed 64-bit integer, as Qdrant stores payload integers
     assert [int_to_timestamp(i) for i in ints] == stamps
+
+
+def test_an_increment_beyond_31_bits_fails_loudly_rather_than_misorder() -> None:
+    with pytest.raises(ValueError, match="does not fit in 31 bits"):
+        timestamp_to_int(Timestamp(1, 2**31))
 
 
 @pytest.mark.parametrize("code", [286, 280, 260])

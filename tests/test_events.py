@@ -54,6 +54,10 @@ def test_delete_needs_no_document() -> None:
         (b'{"op": "upsert", "type": "posts", "entry_id": "x", "document": {}}', "op"),
         (b'{"op": "insert", "type": "posts", "entry_id": "x", "document": {}, "ts": -1}', "ts"),
         (
+            b'{"op": "insert", "type": "posts", "entry_id": "x", "document": {}, "ts": %d}' % 2**63,
+            "ts",
+        ),
+        (
             b'{"op": "insert", "type": "posts", "entry_id": "x", "document": {}, "extra": 1}',
             "unknown keys",
         ),

@@ -37,7 +37,8 @@ class ChangeEvent(BaseModel):
     entry_id: str = Field(min_length=1)
     document: dict[str, Any] | None = None
     #: Producer version, monotonic per document (MongoDB clusterTime, PostgreSQL LSN, ...).
-    ts: int | None = Field(default=None, ge=0)
+    #: At most a signed 64-bit integer: the feature store keeps it as an integer payload.
+    ts: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     @model_validator(mode="after")
     def _document_matches_op(self) -> ChangeEvent:

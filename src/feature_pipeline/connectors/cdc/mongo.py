@@ -19,8 +19,10 @@ once the broker confirmed all of them, save phase "streaming" and open the strea
 ts, and the pipeline's version guard absorbs the overlap. From then on the position is the
 resume token (`_id`) of the last change whose event was confirmed.
 
-`ts` is `clusterTime` as one integer: Timestamp(t, i) -> (t << 32) | i. (It stays below 2**63,
-a signed 64-bit integer like Qdrant's integer payloads, while t < 2**31: until January 2038.)
+`ts` is `clusterTime` as one integer: Timestamp(t, i) -> (t << 31) | i. t is unsigned 32-bit
+seconds, so ts stays below 2**63, a signed 64-bit integer like Qdrant's integer payloads, until
+2106; i counts the operations within one second and never nears 2**31 (one that did would fail
+loudly rather than be mis-ordered).
 The pipeline's version guard skips an event whose ts is not *larger* than the stored one, so ts
 must strictly increase per document. Outside transactions every operation has a clusterTime of
 its own. The operations of one transaction share one clusterTime, and their events carry `lsid`
@@ -89,13 +91,18 @@ class StreamInvalidated(FatalCdcError):
 # --- Pure mapping ----------------------------------------------------------------------------
 
 
+INCREMENT_BITS = 31
+
+
 def timestamp_to_int(ts: Timestamp) -> int:
-    """BSON Timestamp(t, i) -> (t << 32) | i: ordered exactly like the timestamps."""
-    return (ts.time << 32) | ts.inc
+    """BSON Timestamp(t, i) -> (t << 31) | i: ordered exactly like the timestamps, below 2**63."""
+    if ts.inc >= 1 << INCREMENT_BITS:
+        raise ValueError(f"cluster time {ts}: increment {ts.inc} does not fit in 31 bits")
+    return (ts.time << INCREMENT_BITS) | ts.inc
 
 
 def int_to_timestamp(value: int) -> Timestamp:
-    return Timestamp(value >> 32, value & 0xFFFFFFFF)
+    return Timestamp(value >> INCREMENT_BITS, value & ((1 << INCREMENT_BITS) - 1))
 
 
 def entry_id_of(value: Any) -> str:
