@@ -9,6 +9,7 @@ from feature_pipeline.domain.features import ArticleChunk, CleanedArticle
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.chunking import TokenSplitter, chunks_from_spans
 from feature_pipeline.processing.cleaning import clean_text
+from feature_pipeline.processing.page_chrome import strip_page_chrome
 from feature_pipeline.processing.registry import Step, registry
 
 
@@ -19,7 +20,8 @@ def parse_article(document: dict[str, Any]) -> ArticleDocument:
 
 @registry.register(DataType.ARTICLES, Step.CLEAN)
 def clean_article(raw: ArticleDocument, entry_id: str) -> CleanedArticle:
-    parts = (raw.content.title, raw.content.subtitle or "", raw.content.content)
+    body = strip_page_chrome(raw.platform, raw.content.content)
+    parts = (raw.content.title, raw.content.subtitle or "", body)
     cleaned_parts = [cleaned for cleaned in map(clean_text, parts) if cleaned]
     return CleanedArticle(
         type=DataType.ARTICLES,

@@ -9,6 +9,7 @@ from feature_pipeline.domain.features import CleanedPost, PostChunk
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.chunking import TokenSplitter, chunks_from_spans
 from feature_pipeline.processing.cleaning import clean_text
+from feature_pipeline.processing.page_chrome import strip_page_chrome
 from feature_pipeline.processing.registry import Step, registry
 
 
@@ -22,7 +23,7 @@ def clean_post(raw: PostDocument, entry_id: str) -> CleanedPost:
     return CleanedPost(
         type=DataType.POSTS,
         entry_id=entry_id,
-        cleaned_content=clean_text(raw.content.text),
+        cleaned_content=clean_text(strip_page_chrome(raw.platform, raw.content.text)),
         platform=raw.platform,
         author_id=raw.author_id,
         image=raw.image,
