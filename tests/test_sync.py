@@ -165,6 +165,16 @@ def test_metrics_count_embeddings(settings: Settings, processor: DocumentProcess
     sync.apply([event])
     assert own.get("chunks_embedded") == len(event.chunks)
     assert own.get("events_applied") == 1
+    in_model, applying = own.get("embedding_seconds"), own.get("apply_seconds")
+    assert 0 < in_model < applying
+
+    # A metadata-only change reuses every vector: time is spent applying it, none in the model.
+    again = change(processor, DataType.POSTS, "p", {**POST, "image": "https://x.test/a.png"}, ts=2)
+    sync.apply([again])
+    assert own.get("chunks_reused") == len(again.chunks)
+    assert own.get("embedding_seconds") == in_model
+    assert own.get("apply_seconds") > applying
+    assert "feature_pipeline_embedding_seconds_total " in own.prometheus()
 
 
 class _CrashBeforeFinalState:

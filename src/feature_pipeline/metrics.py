@@ -1,4 +1,4 @@
-"""Process-wide counters (events applied, chunks embedded, dead letters...), in Prometheus text."""
+"""Process-wide counters (events applied, chunks embedded, seconds in the model...), Prometheus text."""
 
 from __future__ import annotations
 
@@ -13,25 +13,27 @@ _DESCRIPTIONS = {
     "dead_letters": "Messages sent to the dead-letter queue.",
     "chunks_embedded": "Chunks run through an embedding model.",
     "chunks_reused": "Chunks whose stored vector was kept (same text, same model).",
+    "apply_seconds": "Seconds spent applying changes to the feature store, embedding included.",
+    "embedding_seconds": "Seconds spent in the embedding model.",
 }
 
 
 class Metrics:
     def __init__(self) -> None:
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[str] = Counter()  # ints, and floats for *_seconds
         self._lock = threading.Lock()
 
-    def add(self, name: str, value: int = 1) -> None:
+    def add(self, name: str, value: float = 1) -> None:
         if name not in _DESCRIPTIONS:
             raise KeyError(f"unknown metric {name!r}")
         with self._lock:
             self._counts[name] += value
 
-    def get(self, name: str) -> int:
+    def get(self, name: str) -> float:
         with self._lock:
             return self._counts[name]
 
-    def snapshot(self) -> dict[str, int]:
+    def snapshot(self) -> dict[str, float]:
         with self._lock:
             return {name: self._counts[name] for name in _DESCRIPTIONS}
 

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     model_repositories: str = DEFAULT_MODEL
     embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|bf16)$")
     # Best of the batch sizes the benchmark swept on this 2-core CPU (8/16/32/64, two runs).
-    embedding_batch_size: int = Field(default=16, ge=1, le=4096)
+    embedding_batch_size: int = Field(default=8, ge=1, le=4096)
 
     # Chunking, in word pieces of the model's tokenizer (special tokens excluded).
     chunk_size_posts: int = Field(default=254, ge=16)

@@ -16,6 +16,7 @@ For one batch of changes (all owned by the calling sink partition):
 
 from __future__ import annotations
 
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -81,7 +82,7 @@ class FeatureSync:
         store: FeatureStore,
         embedder_for: Callable[[DataType], Embedder],
         metrics: Metrics,
-        embed_batch_size: int = 16,
+        embed_batch_size: int = 8,
     ) -> None:
         self._store = store
         self._embedder_for = embedder_for
@@ -89,6 +90,7 @@ class FeatureSync:
         self._embed_batch_size = embed_batch_size
 
     def apply(self, changes: Sequence[DocumentChange]) -> ApplyReport:
+        started = time.perf_counter()
         newest = newest_per_document(changes)
         superseded = len(changes) - len(newest)
         states = self._store.sync_states([document_point_id(c.type, c.entry_id) for c in newest])
@@ -120,6 +122,7 @@ class FeatureSync:
         self._metrics.add("events_stale", stale)
         self._metrics.add("chunks_embedded", embedded)
         self._metrics.add("chunks_reused", reused)
+        self._metrics.add("apply_seconds", time.perf_counter() - started)
         return ApplyReport(len(todo), superseded, stale, embedded, reused)
 
     def _plan_chunks(self, change: DocumentChange) -> list[_PlannedChunk]:
@@ -155,9 +158,11 @@ class FeatureSync:
         for data_type, items in missing.items():
             if not items:
                 continue
+            started = time.perf_counter()
             vectors = self._embedder_for(data_type).encode(
                 [i.chunk.content for i in items], batch_size=self._embed_batch_size
             )
+            self._metrics.add("embedding_seconds", time.perf_counter() - started)
             for item, vector in zip(items, vectors, strict=True):
                 item.vector = vector.tolist()
             embedded += len(items)
