@@ -1,5 +1,6 @@
 """A small local HTTP service in the running pipeline, so `search`/`counts` work while it holds
-the embedded store (only one process may open it). Loopback only; JSON; GET only.
+the embedded store (only one process may open it). On QUERY_HOST (loopback unless set: there is
+no authentication); JSON; GET only.
 
     GET /counts                       -> {"cleaned_posts": 87, ...}
     GET /search?q=TEXT&type=posts&k=5 -> [{"score": .., "content": .., ...}]
@@ -25,13 +26,15 @@ from feature_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
+WILDCARD_HOSTS = frozenset({"0.0.0.0"})
+
 
 class QueryServerUnavailable(RuntimeError):
     pass
 
 
 def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTPServer:
-    """Serve queries on 127.0.0.1:QUERY_PORT from a daemon thread."""
+    """Serve queries on QUERY_HOST:QUERY_PORT from a daemon thread."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -67,16 +70,22 @@ def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTP
         def log_message(self, format: str, *args: object) -> None:
             log.debug("query server: " + format, *args)
 
-    server = ThreadingHTTPServer(("127.0.0.1", settings.query_port), Handler)
+    server = ThreadingHTTPServer((settings.query_host, settings.query_port), Handler)
     threading.Thread(target=server.serve_forever, name="query-server", daemon=True).start()
-    log.info("serving queries on http://127.0.0.1:%d", server.server_address[1])
+    log.info("serving queries on http://%s:%d", settings.query_host, server.server_address[1])
     return server
+
+
+def _client_host(settings: Settings) -> str:
+    # A server on every interface is reached on loopback from its own host.
+    return "127.0.0.1" if settings.query_host in WILDCARD_HOSTS else settings.query_host
 
 
 def ask_running_pipeline(settings: Settings, path: str, **params: object) -> Any:
     """GET a path of the running pipeline's query server."""
     query = urllib.parse.urlencode({k: str(v) for k, v in params.items()})
-    url = f"http://127.0.0.1:{settings.query_port}{path}" + (f"?{query}" if query else "")
+    host = _client_host(settings)
+    url = f"http://{host}:{settings.query_port}{path}" + (f"?{query}" if query else "")
     try:
         with urllib.request.urlopen(url, timeout=120) as response:
             return json.loads(response.read())

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     model_articles: str = DEFAULT_MODEL
     model_repositories: str = DEFAULT_MODEL
     embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|bf16)$")
-    # Best of the batch sizes the benchmark swept on this 2-core CPU (8/16/32/64, two runs).
+    # Fastest of the batch sizes the benchmark swept on a 2-core CPU (8/16/32/64) in 4 of 5 runs.
     embedding_batch_size: int = Field(default=8, ge=1, le=4096)
 
     # Chunking, in word pieces of the model's tokenizer (special tokens excluded).
@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = Field(default=20, ge=0, le=60_000)
     epoch_interval_ms: int = Field(default=500, ge=10)
     query_port: int = Field(default=8723, ge=0, le=65_535)
+    #: Address the query server (search, counts, metrics) listens on. Loopback by default: it
+    #: has no authentication. In a container, 0.0.0.0 lets the container network scrape it.
+    query_host: str = Field(default="127.0.0.1", min_length=1)
 
     @field_validator("rabbitmq_queue")
     @classmethod
