@@ -20,7 +20,7 @@ log = logging.getLogger("feature_pipeline")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _build_parser()
+    parser = build_parser()
     args = parser.parse_args(argv)
     # Services log their progress; one-shot queries print only their answer (and warnings).
     quiet = args.command in ("search", "counts")
@@ -49,7 +49,8 @@ def _close_stores() -> None:
     close_stores()
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line; `cdc` is there when its extras are installed."""
     parser = argparse.ArgumentParser(
         prog="feature-pipeline",
         description="Streaming feature pipeline: warehouse change events -> Qdrant features.",

@@ -1,0 +1,98 @@
+"""The production compose file and image agree with the code: commands, settings, plugins, pins.
+
+Docker cannot run on the development machines, so this is what can be checked here: every
+command line in the compose file parses with the real CLI, every variable is a setting the
+pipeline accepts (with its value), and the pieces the pipeline depends on are in place.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from feature_pipeline.cli import build_parser
+from feature_pipeline.settings import Settings, load_settings
+
+from .conftest import ROOT
+
+DEPLOY = ROOT / "deploy"
+#: Read by the CLI itself rather than by the settings.
+NON_SETTINGS = {"LOG_LEVEL"}
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def app_services() -> dict[str, dict[str, Any]]:
+    """The services that run our image."""
+    return {
+        name: service
+        for name, service in compose()["services"].items()
+        if service.get("image") == "feature-pipeline:latest"
+    }
+
+
+def test_every_warehouse_has_its_cdc_service_and_the_pipeline_runs_by_default() -> None:
+    apps = app_services()
+    assert set(apps) == {"pipeline", "cdc-mongo", "cdc-postgres"}
+    assert "profiles" not in apps["pipeline"]
+    assert apps["cdc-mongo"]["profiles"] == compose()["services"]["mongo"]["profiles"]
+    assert apps["cdc-postgres"]["profiles"] == compose()["services"]["postgres"]["profiles"]
+
+
+@pytest.mark.parametrize("service", ["pipeline", "cdc-mongo", "cdc-postgres"])
+def test_each_command_parses_with_the_real_cli(service: str) -> None:
+    command = app_services()[service]["command"]
+    args = build_parser().parse_args(command)
+    assert callable(args.func)
+
+
+@pytest.mark.parametrize("service", ["pipeline", "cdc-mongo", "cdc-postgres"])
+def test_each_environment_is_valid_settings(service: str) -> None:
+    environment = {k: str(v) for k, v in app_services()[service]["environment"].items()}
+    fields = {name.upper() for name in Settings.model_fields}
+    assert set(environment) - NON_SETTINGS <= fields, "unknown variables"
+    settings = load_settings(
+        _env_file=None, **{k.lower(): v for k, v in environment.items() if k not in NON_SETTINGS}
+    )
+    assert settings.qdrant_url == "http://qdrant:6333"  # the server, not an embedded store
+    assert settings.rabbitmq_url.startswith("amqp://guest:guest@rabbitmq:5672")
+
+
+def test_cdc_services_reach_their_warehouse_by_its_service_name() -> None:
+    services = compose()["services"]
+    mongo = build_parser().parse_args(services["cdc-mongo"]["command"])
+    assert mongo.uri.startswith("mongodb://mongo:27017/") and "replicaSet=rs0" in mongo.uri
+    assert "--replSet" in services["mongo"]["command"]
+    state = Path(mongo.state_file)
+    assert any(v.endswith(f":{state.parent}") for v in services["cdc-mongo"]["volumes"])
+    postgres = build_parser().parse_args(services["cdc-postgres"]["command"])
+    assert "@postgres:5432/" in postgres.dsn
+    assert "wal_level=logical" in services["postgres"]["command"]
+
+
+def test_the_broker_has_the_consistent_hash_exchange_plugin() -> None:
+    plugins = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text()
+    assert re.fullmatch(r"\[[a-z_,]+\]\.\n", plugins), "an Erlang list term ending with '.'"
+    assert "rabbitmq_consistent_hash_exchange" in plugins
+    volumes = compose()["services"]["rabbitmq"]["volumes"]
+    assert "./rabbitmq/enabled_plugins:/etc/rabbitmq/enabled_plugins:ro" in volumes
+
+
+def test_the_pipeline_gets_time_to_finish_its_batch_on_stop() -> None:
+    assert app_services()["pipeline"]["stop_grace_period"] == "2m"
+
+
+def test_the_image_pins_the_cpu_torch_of_pyproject_and_stays_offline() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pin = next(d for d in project["dependencies"] if d.startswith("torch=="))
+    assert f"--index-url https://download.pytorch.org/whl/cpu {pin}" in dockerfile
+    assert "HF_HUB_OFFLINE=1" in dockerfile
+    assert 'pip install ".[cdc]"' in dockerfile  # the CDC services run this image too
