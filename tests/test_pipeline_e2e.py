@@ -164,3 +164,34 @@ def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(
     assert set(chunks) == expected_chunks(settings, events)
     for queue in [settings.rabbitmq_queue, *settings.shard_queues]:
         assert queue_depth(settings, queue) == 0
+
+
+def test_a_second_pipeline_on_the_same_queues_stands_by_then_takes_over(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Two consumers on one shard queue would interleave a document's events; the second
+    `run` must wait instead, and take over, losing nothing, when the first one dies."""
+    posts = read_jsonl(SAMPLES / "posts.jsonl")[:6]
+    first = PipelineProcess(settings, tmp_path / "first.log").start()
+    # Its own embedded store, so the two can run at once (a Qdrant server would be shared).
+    standby_settings = settings.model_copy(update={"qdrant_path": tmp_path / "standby-qdrant"})
+    standby = PipelineProcess(standby_settings, tmp_path / "standby.log").start()
+    standby.wait_for(lambda p: "standing by" in p.log(), timeout_s=60, what="the standby")
+
+    with EventPublisher(settings) as publisher:
+        publisher.publish(
+            upsert(DataType.POSTS, {**doc, "_id": f"a-{doc['_id']}"}) for doc in posts
+        )
+    first.wait_for(lambda p: p.counts().get("cleaned_posts") == len(posts), what="the first")
+    time.sleep(1.0)  # one more epoch: everything written is acked
+    assert standby.counts().get("cleaned_posts", 0) == 0
+    first.kill()
+
+    later = [upsert(DataType.POSTS, {**doc, "_id": f"b-{doc['_id']}"}) for doc in posts]
+    with EventPublisher(settings) as publisher:
+        publisher.publish(later)
+    standby.wait_for(lambda p: p.counts().get("cleaned_posts") == len(later), what="the take-over")
+    assert standby.stop() == 0
+    close_stores()
+    stored = {entry_id for entry_id, _, _ in stored_chunks(standby_settings, [DataType.POSTS])}
+    assert stored == {event.entry_id for event in later}

@@ -8,6 +8,10 @@ epoch, and calls `next_batch()` of the next epoch only after the whole dataflow,
 included, has finished the closed one. So the first `next_batch()` after a `snapshot()` acks
 every delivery tag read before that snapshot: by then their features are durably written. A
 crash before that ack redelivers them; writes are idempotent, so nothing is doubled.
+
+One consumer per queue: each partition consumes its queue exclusively, so per-document order
+holds even if a second pipeline is started on the same queues by mistake (plain replicas). That
+one stands by: it retries every few seconds and takes over when the active consumer goes away.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from datetime import UTC, datetime, timedelta
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from pika.exceptions import AMQPError
+from pika.exceptions import AMQPError, ChannelClosedByBroker
 from pika.spec import Basic, BasicProperties
 
 from feature_pipeline.connectors.rabbitmq.publisher import connect
@@ -30,6 +34,9 @@ from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
+
+ACCESS_REFUSED = 403  # what the broker answers when another consumer holds the queue exclusively
+STANDBY_RETRY_S = 2.0
 
 
 class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
@@ -43,19 +50,38 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._last_read_tag: int | None = None  # last tag handed to the dataflow
         self._ack_upto: int | None = None  # every tag <= this is in a closed epoch
         self._stopping = False
+        self._consuming = False
         self._connection: BlockingConnection
         self._channel: BlockingChannel
         self._open()
 
     def _open(self) -> None:
         self._connection = connect(self._settings, attempts=1_000_000)
-        self._channel = self._connection.channel()
-        declare_topology(self._channel, self._settings)
-        self._channel.basic_qos(prefetch_count=self._settings.rabbitmq_prefetch)
-        self._consumer_tag = self._channel.basic_consume(
-            self._queue, self._on_message, auto_ack=False
-        )
-        log.info("consuming %s", self._queue)
+        standing_by = False
+        while not self._stop.is_set():
+            self._channel = self._connection.channel()
+            declare_topology(self._channel, self._settings)
+            self._channel.basic_qos(prefetch_count=self._settings.rabbitmq_prefetch)
+            try:
+                self._consumer_tag = self._channel.basic_consume(
+                    self._queue, self._on_message, auto_ack=False, exclusive=True
+                )
+            except ChannelClosedByBroker as exc:
+                if exc.reply_code != ACCESS_REFUSED:
+                    raise
+                if not standing_by:
+                    log.warning(
+                        "%s is consumed by another pipeline (a second `feature-pipeline run` on "
+                        "RABBITMQ_QUEUE=%s?); standing by until it stops",
+                        self._queue,
+                        self._settings.rabbitmq_queue,
+                    )
+                    standing_by = True
+                self._stop.wait(STANDBY_RETRY_S)
+                continue
+            self._consuming = True
+            log.info("consuming %s", self._queue)
+            return
 
     def _on_message(
         self, _ch: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
@@ -72,6 +98,9 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
             return []
 
     def _next_batch(self) -> list[InboundMessage]:
+        if not self._consuming:  # stopped while standing by: nothing was read, nothing to ack
+            self.close()
+            raise StopIteration
         self._ack_closed_epoch()
         if self._stop.is_set():
             return self._drain_for_stop()
@@ -136,6 +165,7 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._first_buffered_at = None
         self._last_read_tag = None
         self._ack_upto = None
+        self._consuming = False
         self.close()
         time.sleep(1.0)
         self._open()
