@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore
@@ -13,27 +16,28 @@ from feature_pipeline.query_server import (
 from feature_pipeline.settings import Settings, SettingsError, load_settings
 
 
-def test_by_default_it_listens_on_loopback_only(settings: Settings) -> None:
+@contextmanager
+def serving(settings: Settings) -> Iterator[tuple[str, Settings]]:
+    """(the address it listens on, settings that ask it) while a query server runs."""
     server = start_query_server(settings, FeatureStore.open(settings))
     try:
-        assert server.server_address[0] == "127.0.0.1"
-        asked = settings.model_copy(update={"query_port": server.server_address[1]})
-        assert ask_running_pipeline(asked, "/counts") == FeatureStore.open(settings).counts()
+        host, port = server.server_address[:2]
+        yield str(host), settings.model_copy(update={"query_port": port})
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_by_default_it_listens_on_loopback_only(settings: Settings) -> None:
+    with serving(settings) as (host, asked):
+        assert host == "127.0.0.1"
+        assert ask_running_pipeline(asked, "/counts") == FeatureStore.open(settings).counts()
 
 
 def test_query_host_0000_listens_everywhere_and_is_asked_on_loopback(settings: Settings) -> None:
-    everywhere = settings.model_copy(update={"query_host": "0.0.0.0"})
-    server = start_query_server(everywhere, FeatureStore.open(settings))
-    try:
-        assert server.server_address[0] == "0.0.0.0"
-        asked = everywhere.model_copy(update={"query_port": server.server_address[1]})
+    with serving(settings.model_copy(update={"query_host": "0.0.0.0"})) as (host, asked):
+        assert host == "0.0.0.0"
         assert ask_running_pipeline(asked, "/counts") == FeatureStore.open(settings).counts()
-    finally:
-        server.shutdown()
-        server.server_close()
     with pytest.raises(QueryServerUnavailable, match="no pipeline answers"):
         ask_running_pipeline(asked, "/counts")
 
