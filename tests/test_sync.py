@@ -207,6 +207,7 @@ def test_a_crash_before_the_final_state_leaves_no_orphan_chunks(
         _CrashBeforeFinalState(store),  # type: ignore[arg-type]
         lambda t: get_embedder(settings.model_for(t), settings.embedding_backend),
         Metrics(),
+        settings.embedding_batch_size,
     )
     with pytest.raises(ConnectionError):
         crashing.apply([change(processor, DataType.ARTICLES, "a", v2, ts=2)])

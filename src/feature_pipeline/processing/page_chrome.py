@@ -41,7 +41,7 @@ def strip_page_chrome(platform: str, text: str) -> str:
 # --- Medium ----------------------------------------------------------------------------------
 
 # The header ends with the byline's action bar: "...·16 min read·Mar 16, 2024 1.5K 10 ListenShare".
-_MEDIUM_HEADER_END = re.compile(r"ListenShare")
+_MEDIUM_HEADER_END = "ListenShare"
 _MEDIUM_HEADER_MAX_CHARS = 1500
 # The footer starts at the sign-up wall, or, on pages without one, at the author box or the
 # recommendation lists; the first marker found from this list wins.
@@ -55,8 +55,8 @@ _MEDIUM_FOOTER_STARTS = (
 
 @register_page_chrome("medium")
 def strip_medium(text: str) -> str:
-    header = _MEDIUM_HEADER_END.search(text, 0, _MEDIUM_HEADER_MAX_CHARS)
-    start = header.end() if header is not None else 0
+    header = text.find(_MEDIUM_HEADER_END, 0, _MEDIUM_HEADER_MAX_CHARS)
+    start = header + len(_MEDIUM_HEADER_END) if header >= 0 else 0
     end = len(text)
     for marker in _MEDIUM_FOOTER_STARTS:
         # The last occurrence: an article may quote a marker; the page's own footer comes last.

@@ -57,10 +57,12 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
 
     def _open(self) -> None:
         self._connection = connect(self._settings, attempts=1_000_000)
+        self._channel = self._connection.channel()
+        declare_topology(self._channel, self._settings)
         standing_by = False
         while not self._stop.is_set():
-            self._channel = self._connection.channel()
-            declare_topology(self._channel, self._settings)
+            if self._channel.is_closed:  # the broker closes the channel on a refused consume
+                self._channel = self._connection.channel()
             self._channel.basic_qos(prefetch_count=self._settings.rabbitmq_prefetch)
             try:
                 self._consumer_tag = self._channel.basic_consume(
