@@ -1,4 +1,4 @@
-"""The `feature-pipeline` command: run, backfill, publish, search, counts (and cdc)."""
+"""The `feature-pipeline` command: run, backfill, publish, search, counts, points (and cdc)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # Services log their progress; one-shot queries print only their answer (and warnings).
-    quiet = args.command in ("search", "counts")
+    quiet = args.command in ("search", "counts", "points")
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "WARNING" if quiet else "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     counts = sub.add_parser("counts", help="points per collection")
     counts.set_defaults(func=_cmd_counts)
+
+    points = sub.add_parser("points", help="print a collection's points as JSON lines")
+    points.add_argument("collection")
+    points.add_argument("--entry-id", help="only this document's points")
+    points.add_argument("--type", choices=_type_names(), help="only points of this data type")
+    points.add_argument("--with-vectors", action="store_true", help="include each vector")
+    points.add_argument("--limit", type=int, default=None, help="at most N points")
+    points.set_defaults(func=_cmd_points)
 
     try:
         from feature_pipeline.cdc_cli import add_cdc_parser
@@ -295,6 +303,29 @@ def _cmd_counts(args: argparse.Namespace) -> int:
     _print_counts(
         _with_store_or_pipeline(settings, local=queries.counts, path="/counts", params={})
     )
+    return 0
+
+
+def _cmd_points(args: argparse.Namespace) -> int:
+    from feature_pipeline import queries
+
+    settings = get_settings()
+    where = {k: v for k, v in (("entry_id", args.entry_id), ("type", args.type)) if v}
+    points = _with_store_or_pipeline(
+        settings,
+        local=lambda store: queries.points(
+            store, args.collection, where, with_vectors=args.with_vectors, limit=args.limit
+        ),
+        path="/points",
+        params={
+            "collection": args.collection,
+            **where,
+            **({"with_vectors": 1} if args.with_vectors else {}),
+            **({"limit": args.limit} if args.limit is not None else {}),
+        },
+    )
+    for point in points:
+        print(json.dumps(point, ensure_ascii=False))
     return 0
 
 

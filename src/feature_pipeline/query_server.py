@@ -4,6 +4,8 @@ no authentication); JSON; GET only.
 
     GET /counts                       -> {"cleaned_posts": 87, ...}
     GET /search?q=TEXT&type=posts&k=5 -> [{"score": .., "content": .., ...}]
+    GET /points?collection=vector_posts[&entry_id=..][&type=..][&with_vectors=1][&limit=N]
+                                      -> [{"id": .., "payload": {..}[, "vector": [..]]}]
     GET /metrics                      -> Prometheus text
 """
 
@@ -52,6 +54,17 @@ def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTP
                         int(params.get("k", "5")),
                     )
                     self._reply(200, hits)
+                elif url.path == "/points":
+                    where = {k: params[k] for k in ("entry_id", "type") if params.get(k)}
+                    limit = params.get("limit")
+                    found = queries.points(
+                        store,
+                        params.get("collection", ""),
+                        where,
+                        with_vectors=params.get("with_vectors") == "1",
+                        limit=int(limit) if limit else None,
+                    )
+                    self._reply(200, found)
                 elif url.path == "/metrics":
                     self._reply(200, metrics.prometheus(), content_type="text/plain")
                 else:

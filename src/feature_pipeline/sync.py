@@ -21,9 +21,12 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from qdrant_client import models
-
-from feature_pipeline.connectors.qdrant.store import SYNC_STATE_COLLECTION, FeatureStore, SyncState
+from feature_pipeline.connectors.qdrant.store import (
+    SYNC_STATE_COLLECTION,
+    FeatureStore,
+    Point,
+    SyncState,
+)
 from feature_pipeline.domain.changes import DocumentChange, chunk_point_id, document_point_id
 from feature_pipeline.domain.features import Chunk
 from feature_pipeline.domain.types import DataType
@@ -176,11 +179,7 @@ class FeatureSync:
         stale_ids: list[str],
     ) -> None:
         chunk_points = [
-            models.PointStruct(
-                id=item.point_id,
-                vector=item.vector or [],
-                payload=item.payload(),
-            )
+            Point(id=item.point_id, payload=item.payload(), vector=item.vector or [])
             for change in changes
             for item in planned.get(change.key, [])
             if not item.unchanged
@@ -188,9 +187,8 @@ class FeatureSync:
         self._store.upsert(data_type.vector_collection, chunk_points)
         self._store.delete_ids(data_type.vector_collection, stale_ids)
         cleaned_points = [
-            models.PointStruct(
+            Point(
                 id=document_point_id(data_type, c.entry_id),
-                vector={},
                 payload=c.cleaned.model_dump(mode="json"),
             )
             for c in changes
@@ -246,9 +244,8 @@ def _chunk_ids(state: SyncState | None) -> frozenset[str]:
     return state.chunk_ids if state is not None else frozenset()
 
 
-def _state_point(change: DocumentChange, state: SyncState) -> models.PointStruct:
-    return models.PointStruct(
+def _state_point(change: DocumentChange, state: SyncState) -> Point:
+    return Point(
         id=document_point_id(change.type, change.entry_id),
-        vector={},
         payload=state.payload(change.type, change.entry_id),
     )

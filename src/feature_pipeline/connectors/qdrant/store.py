@@ -1,18 +1,17 @@
-"""The feature store in Qdrant: collections, and the reads and writes the sync logic needs.
+"""The feature store interface: collections, and the reads and writes the sync logic needs.
 
-Embedded (qdrant-client local mode, a folder) by default, a server when QDRANT_URL is set; the
-same calls either way. Embedded mode lets only one client per folder exist, so the client is
-shared by the whole process and calls are serialised.
+Two implementations speak it: the embedded Qdrant Edge engine (`edge.py`, the default, a folder
+at QDRANT_PATH) and a Qdrant server (`server.py`, QDRANT_URL). Callers see only the
+store-neutral types below, so nothing outside this package depends on a backend's client.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-from qdrant_client import QdrantClient, models
 
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings
@@ -21,9 +20,48 @@ from feature_pipeline.settings import Settings
 #: training pipelines that scroll `cleaned_*` never see deleted documents.
 SYNC_STATE_COLLECTION = "feature_sync_state"
 
+#: Payload fields indexed (keyword) in every collection: what the sync looks up and what
+#: searches and `points` filter by.
+INDEXED_FIELDS = ("type", "entry_id", "author_id", "platform")
+
+#: Equality conditions on payload fields, all of which must hold (e.g. {"type": "posts"}).
+Match = Mapping[str, str]
+
 
 class StoreLocked(RuntimeError):
     """The embedded store is open in another process."""
+
+
+class UnknownCollection(ValueError):
+    """A collection the store does not have."""
+
+
+@dataclass(frozen=True)
+class Point:
+    """A point to write: `vector` is None in the payload-only collections."""
+
+    id: str
+    payload: dict[str, Any]
+    vector: list[float] | None = None
+
+
+@dataclass(frozen=True)
+class Record:
+    """A stored point; `vector` is None unless asked for (and in payload-only collections)."""
+
+    id: str
+    payload: dict[str, Any]
+    vector: list[float] | None = None
+
+
+#: A stored chunk, as the sync reads it back to reuse its vector.
+StoredChunk = Record
+
+
+@dataclass(frozen=True)
+class Hit:
+    score: float
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -45,21 +83,135 @@ class SyncState:
         }
 
 
-@dataclass(frozen=True)
-class StoredChunk:
-    id: str
-    vector: list[float]
-    payload: dict[str, Any]
+class FeatureStore(ABC):
+    """The cleaned, vector and sync-state collections. Writes return once the store has applied
+    them durably (the sink acks the broker right after)."""
 
+    #: Which engine this is, for logs and the benchmark.
+    engine: str
 
-@dataclass(frozen=True)
-class Hit:
-    score: float
-    payload: dict[str, Any]
+    @classmethod
+    def open(cls, settings: Settings) -> FeatureStore:
+        """The process-wide store for the configured location: a server when QDRANT_URL is set,
+        else the embedded store at QDRANT_PATH (one opener per folder, so shared here)."""
+        location = settings.qdrant_url or str(settings.qdrant_path.resolve())
+        with _stores_lock:
+            store = _stores.get(location)
+            if store is None:
+                store = _connect(settings)
+                _stores[location] = store
+            return store
+
+    # -- schema -----------------------------------------------------------------------------
+    @abstractmethod
+    def ensure_collections(self, dimensions: dict[DataType, int]) -> None:
+        """Create missing collections; fail if an existing vector collection has another size."""
+
+    @abstractmethod
+    def collections(self) -> list[str]:
+        """Names of the collections, sorted."""
+
+    # -- reads ------------------------------------------------------------------------------
+    @abstractmethod
+    def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[Record]:
+        """The points with these ids that exist (in no particular order)."""
+
+    @abstractmethod
+    def count(self, collection: str, where: Match | None = None) -> int:
+        """Exact number of points (matching `where`)."""
+
+    @abstractmethod
+    def scroll_page(
+        self,
+        collection: str,
+        *,
+        offset: str | None,
+        limit: int,
+        where: Match | None = None,
+        with_vectors: bool = False,
+    ) -> tuple[list[Record], str | None]:
+        """One page of points in id order, and the offset of the next page (None at the end)."""
+
+    @abstractmethod
+    def search(
+        self,
+        data_type: DataType,
+        vector: Sequence[float],
+        limit: int,
+        where: Match | None = None,
+    ) -> list[Hit]:
+        """The nearest chunks by cosine similarity, best first."""
+
+    # -- writes -----------------------------------------------------------------------------
+    @abstractmethod
+    def upsert(self, collection: str, points: Sequence[Point]) -> None: ...
+
+    @abstractmethod
+    def delete_ids(self, collection: str, ids: Sequence[str]) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store (the embedded folder's lock included)."""
+
+    # -- built on the above -----------------------------------------------------------------
+    def sync_states(self, ids: Sequence[str]) -> dict[str, SyncState]:
+        if not ids:
+            return {}
+        return {
+            r.id: SyncState(
+                version=r.payload.get("version"),
+                deleted=r.payload["deleted"],
+                chunk_ids=frozenset(r.payload.get("chunk_ids", ())),
+            )
+            for r in self.retrieve(SYNC_STATE_COLLECTION, ids)
+        }
+
+    def chunks(self, data_type: DataType, ids: Sequence[str]) -> dict[str, StoredChunk]:
+        if not ids:
+            return {}
+        return {r.id: r for r in self.retrieve(data_type.vector_collection, ids, with_vectors=True)}
+
+    def counts(self) -> dict[str, int]:
+        return {name: self.count(name) for name in self.collections()}
+
+    def scroll(
+        self,
+        collection: str,
+        *,
+        with_vectors: bool = False,
+        where: Match | None = None,
+        limit: int | None = None,
+    ) -> list[Record]:
+        """Every point of a collection (matching `where`, at most `limit`), in id order: for
+        tests, audits, `feature-pipeline points` and small exports."""
+        points: list[Record] = []
+        offset: str | None = None
+        while limit is None or len(points) < limit:
+            page_size = 1_000 if limit is None else min(1_000, limit - len(points))
+            page, offset = self.scroll_page(
+                collection, offset=offset, limit=page_size, where=where, with_vectors=with_vectors
+            )
+            points.extend(page)
+            if offset is None:
+                break
+        return points
 
 
 _stores: dict[str, FeatureStore] = {}
 _stores_lock = threading.Lock()
+
+
+def _connect(settings: Settings) -> FeatureStore:
+    # Imported here: each backend imports this module for the types.
+    if settings.qdrant_url:
+        from feature_pipeline.connectors.qdrant.server import ServerStore
+
+        return ServerStore.connect(settings.qdrant_url, settings.qdrant_api_key)
+    from feature_pipeline.connectors.qdrant.edge import EdgeStore
+
+    return EdgeStore(settings.qdrant_path)
 
 
 def close_stores() -> None:
@@ -68,146 +220,3 @@ def close_stores() -> None:
         for store in _stores.values():
             store.close()
         _stores.clear()
-
-
-def _connect(settings: Settings) -> QdrantClient:
-    if settings.qdrant_url:
-        return QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key, timeout=60)
-    settings.qdrant_path.mkdir(parents=True, exist_ok=True)
-    try:
-        return QdrantClient(path=str(settings.qdrant_path))
-    except RuntimeError as exc:
-        if "already accessed" not in str(exc):
-            raise
-        raise StoreLocked(
-            f"the embedded Qdrant store at {settings.qdrant_path} (QDRANT_PATH) is open in another "
-            "process, most likely a running `feature-pipeline run`. Ask that process instead "
-            "(the CLI does so on its query port), stop it, or run a Qdrant server and set QDRANT_URL."
-        ) from None
-
-
-class FeatureStore:
-    """Typed access to the cleaned, vector and sync-state collections."""
-
-    def __init__(self, client: QdrantClient, *, is_local: bool) -> None:
-        self._client = client
-        self._is_local = is_local
-        self._lock = threading.RLock()
-
-    @classmethod
-    def open(cls, settings: Settings) -> FeatureStore:
-        """The process-wide store for the configured location (one client per embedded folder)."""
-        location = settings.qdrant_url or str(settings.qdrant_path.resolve())
-        with _stores_lock:
-            store = _stores.get(location)
-            if store is None:
-                store = cls(_connect(settings), is_local=settings.qdrant_url is None)
-                _stores[location] = store
-            return store
-
-    def close(self) -> None:
-        with self._lock:
-            self._client.close()
-
-    # -- schema -----------------------------------------------------------------------------
-    def ensure_collections(self, dimensions: dict[DataType, int]) -> None:
-        """Create missing collections; fail if an existing vector collection has another size."""
-        with self._lock:
-            self._ensure_payload_collection(SYNC_STATE_COLLECTION)
-            for data_type, size in dimensions.items():
-                self._ensure_payload_collection(data_type.cleaned_collection)
-                self._ensure_vector_collection(data_type.vector_collection, size)
-
-    def _ensure_payload_collection(self, name: str) -> None:
-        if not self._client.collection_exists(name):
-            self._client.create_collection(name, vectors_config={})
-            self._index(name, ["entry_id", "type"])
-
-    def _ensure_vector_collection(self, name: str, size: int) -> None:
-        if self._client.collection_exists(name):
-            params = self._client.get_collection(name).config.params.vectors
-            existing = getattr(params, "size", None)
-            if existing != size:
-                raise ValueError(
-                    f"collection {name!r} holds {existing}-d vectors but the configured model makes "
-                    f"{size}-d ones: use a new store (QDRANT_PATH/QDRANT_URL) or the old model"
-                )
-            return
-        self._client.create_collection(
-            name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE)
-        )
-        self._index(name, ["entry_id", "type", "content_hash"])
-
-    def _index(self, collection: str, fields: Iterable[str]) -> None:
-        if self._is_local:  # local mode scans payloads; it ignores indexes and warns about them
-            return
-        for field in fields:
-            self._client.create_payload_index(collection, field, models.PayloadSchemaType.KEYWORD)
-
-    # -- reads ------------------------------------------------------------------------------
-    def sync_states(self, ids: Sequence[str]) -> dict[str, SyncState]:
-        with self._lock:
-            records = self._client.retrieve(SYNC_STATE_COLLECTION, list(ids), with_vectors=False)
-        return {
-            str(r.id): SyncState(
-                version=r.payload.get("version"),
-                deleted=r.payload["deleted"],
-                chunk_ids=frozenset(r.payload.get("chunk_ids", ())),
-            )
-            for r in records
-            if r.payload is not None
-        }
-
-    def chunks(self, data_type: DataType, ids: Sequence[str]) -> dict[str, StoredChunk]:
-        if not ids:
-            return {}
-        with self._lock:
-            records = self._client.retrieve(
-                data_type.vector_collection, list(ids), with_vectors=True, with_payload=True
-            )
-        return {
-            str(r.id): StoredChunk(id=str(r.id), vector=list(r.vector), payload=r.payload or {})  # type: ignore[arg-type]
-            for r in records
-        }
-
-    def count(self, collection: str) -> int:
-        with self._lock:
-            return self._client.count(collection, exact=True).count
-
-    def counts(self) -> dict[str, int]:
-        with self._lock:
-            names = sorted(c.name for c in self._client.get_collections().collections)
-        return {name: self.count(name) for name in names}
-
-    def scroll(self, collection: str, *, with_vectors: bool = False) -> list[models.Record]:
-        """Every point of a collection (for tests, audits and small exports)."""
-        points: list[models.Record] = []
-        offset = None
-        while True:
-            with self._lock:
-                page, offset = self._client.scroll(
-                    collection, limit=1_000, offset=offset, with_vectors=with_vectors
-                )
-            points.extend(page)
-            if offset is None:
-                return points
-
-    def search(self, data_type: DataType, vector: Sequence[float], limit: int) -> list[Hit]:
-        with self._lock:
-            response = self._client.query_points(
-                data_type.vector_collection, query=list(vector), limit=limit, with_payload=True
-            )
-        return [Hit(score=p.score, payload=p.payload or {}) for p in response.points]
-
-    # -- writes (all wait until the store has applied them) ----------------------------------
-    def upsert(self, collection: str, points: list[models.PointStruct]) -> None:
-        if points:
-            with self._lock:
-                self._client.upsert(collection, points=points, wait=True)
-
-    def delete_ids(self, collection: str, ids: Sequence[str]) -> None:
-        if ids:
-            with self._lock:
-                self._client.delete(
-                    collection, points_selector=models.PointIdsList(points=list(ids)), wait=True
-                )
