@@ -158,7 +158,10 @@ def main() -> None:
         # Building the points is part of a write's cost, as in the sink.
         store.upsert(
             COLLECTION,
-            [Point(point_id(first + j), payload(first + j), v.tolist()) for j, v in enumerate(vectors)],
+            [
+                Point(point_id(first + j), payload(first + j), v.tolist())
+                for j, v in enumerate(vectors)
+            ],
         )
         write_s += time.perf_counter() - started
     upsert_rate = args.points / write_s

@@ -76,6 +76,8 @@ class EdgeStore(FeatureStore):
             for d in sorted(self._shards_dir.iterdir())
             if d.is_dir()
         }
+        #: Optimisations run so far (the background optimiser's and explicit ones).
+        self.optimizations = 0
         self._optimizer = _Optimizer(self, optimize_idle_s, optimize_max_unindexed)
 
     def close(self) -> None:
@@ -209,6 +211,7 @@ class EdgeStore(FeatureStore):
         started = time.perf_counter()
         shard.optimize()
         shard.flush()
+        self.optimizations += 1
         log.debug("optimised %s in %.2fs", collection, time.perf_counter() - started)
 
     def flush(self, collection: str) -> None:
