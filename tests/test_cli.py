@@ -48,6 +48,16 @@ def test_backfill_then_search(settings: Settings, tmp_path: Path) -> None:
     assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
     assert {json.loads(p)["_id"] for p in posts} >= {h["entry_id"] for h in hits}
 
+    listed = cli(settings, "points", "cleaned_posts", "--type", "posts", "--limit", "3")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(rows) == 3 and all(set(row) == {"id", "payload"} for row in rows)
+    first = json.loads(posts[0])["_id"]
+    listed = cli(settings, "points", "vector_posts", "--entry-id", first, "--with-vectors")
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert rows and all(r["payload"]["entry_id"] == first and len(r["vector"]) == 384 for r in rows)
+    unknown = cli(settings, "points", "nope")
+    assert unknown.returncode == 1 and "'nope'" in unknown.stderr
+
 
 def test_a_bad_setting_fails_at_start_naming_it(settings: Settings) -> None:
     env = settings_env(settings) | {"RABBITMQ_PREFETCH": "0"}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
-from .conftest import SAMPLES, queue_depth, read_jsonl
+from .conftest import SAMPLES, queue_depth, read_jsonl, settings_env
 from .pipeline_process import PipelineProcess
 
 pytestmark = pytest.mark.slow
@@ -80,6 +82,22 @@ def test_three_types_both_shapes_mixed_batch(settings: Settings, tmp_path: Path)
     )
     hits = pipeline.search("streaming pipelines and vector databases", "articles", k=3)
     assert hits and hits[0]["entry_id"] == articles[0]["_id"]
+    # While `run` holds the embedded store, `points` asks it, as `search` and `counts` do.
+    listed = subprocess.run(
+        [
+            *(sys.executable, "-m", "feature_pipeline.cli", "points", "vector_articles"),
+            *("--entry-id", articles[0]["_id"], "--with-vectors", "--limit", "2"),
+        ],
+        env=settings_env(settings) | {"QUERY_PORT": str(pipeline.port)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert listed.returncode == 0, listed.stderr
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert len(rows) == 2
+    assert all(r["payload"]["entry_id"] == articles[0]["_id"] for r in rows)
+    assert all(len(r["vector"]) == 384 for r in rows)
     assert pipeline.stop() == 0
     assert "stopping" in pipeline.log()
 
