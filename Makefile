@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint services bench clean
+.PHONY: install demo test lint services bench bench-store clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: install
 
 bench: install services
 	$(BIN)/python bench/run.py
+
+## The feature store alone: 100,000 points by default; `make bench-store ARGS="--points 1000000"`.
+bench-store: install
+	$(BIN)/python bench/store.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) data/qdrant data/dead_letters.jsonl

@@ -45,6 +45,10 @@ _NO_VECTORS = "none"
 #: HNSW as the Qdrant server builds it by default (m 16, ef_construct 100); below 10,000 points
 #: a segment is searched exactly, which is as fast.
 _HNSW = edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000)
+#: int8 copies of the vectors, in RAM, for building and searching the graph (the float32
+#: originals stay memory-mapped and rescore the candidates): at 20,000 points here it built the
+#: index 3.5x faster (5.9 s against 20.9 s) and searched 2x faster, recall@10 0.985 against 1.0.
+_QUANTIZATION = edge.ScalarQuantizationConfig(type=edge.ScalarType.Int8, quantile=0.99)
 #: Candidates examined per search: enough for recall@10 >= 0.95 at 1M points (bench/store.py).
 _SEARCH = edge.SearchParams(hnsw_ef=128)
 
@@ -113,6 +117,7 @@ class EdgeStore(FeatureStore):
             config = edge.EdgeConfig(
                 vectors=edge.EdgeVectorParams(size=size, distance=edge.Distance.Cosine),
                 hnsw_config=_HNSW,
+                quantization_config=_QUANTIZATION,
             )
             fields = (*INDEXED_FIELDS, "content_hash")
         shard = edge.EdgeShard.create(str(self._shards_dir / name), config)
