@@ -75,11 +75,15 @@ class EdgeStore(FeatureStore):
         self._shards_dir.mkdir(exist_ok=True)
         # Guards the shard table and close(); each shard serialises its own operations.
         self._lock = threading.RLock()
-        self._shards: dict[str, edge.EdgeShard] = {
-            d.name: edge.EdgeShard.load(str(d))
-            for d in sorted(self._shards_dir.iterdir())
-            if d.is_dir()
-        }
+        try:
+            self._shards: dict[str, edge.EdgeShard] = {
+                d.name: edge.EdgeShard.load(str(d))
+                for d in sorted(self._shards_dir.iterdir())
+                if d.is_dir()
+            }
+        except BaseException:
+            self._lock_file.close()
+            raise
         #: Optimisations run so far (the background optimiser's and explicit ones).
         self.optimizations = 0
         self._optimizer = _Optimizer(self, optimize_idle_s, optimize_max_unindexed)
@@ -102,31 +106,36 @@ class EdgeStore(FeatureStore):
                 self._ensure(data_type.vector_collection, size)
 
     def _ensure(self, name: str, size: int | None) -> None:
-        if name in self._shards:
+        fields = INDEXED_FIELDS if size is None else (*INDEXED_FIELDS, "content_hash")
+        shard = self._shards.get(name)
+        if shard is not None:
             existing = _vector_size(self._shards_dir / name)
             if size is not None and existing != size:
                 raise ValueError(
                     f"collection {name!r} holds {existing}-d vectors but the configured model makes "
                     f"{size}-d ones: use a new store (QDRANT_PATH/QDRANT_URL) or the old model"
                 )
-            return
-        if size is None:
-            config = edge.EdgeConfig(sparse_vectors={_NO_VECTORS: edge.EdgeSparseVectorParams()})
-            fields: tuple[str, ...] = INDEXED_FIELDS
         else:
-            config = edge.EdgeConfig(
-                vectors=edge.EdgeVectorParams(size=size, distance=edge.Distance.Cosine),
-                hnsw_config=_HNSW,
-                quantization_config=_QUANTIZATION,
-            )
-            fields = (*INDEXED_FIELDS, "content_hash")
-        shard = edge.EdgeShard.create(str(self._shards_dir / name), config)
+            if size is None:
+                config = edge.EdgeConfig(
+                    sparse_vectors={_NO_VECTORS: edge.EdgeSparseVectorParams()}
+                )
+            else:
+                config = edge.EdgeConfig(
+                    vectors=edge.EdgeVectorParams(size=size, distance=edge.Distance.Cosine),
+                    hnsw_config=_HNSW,
+                    quantization_config=_QUANTIZATION,
+                )
+            shard = edge.EdgeShard.create(str(self._shards_dir / name), config)
+            self._shards[name] = shard
+        # Also on an existing shard: a process killed right after creating it had none yet.
+        indexed = set(shard.info().payload_schema)
         for field in fields:
-            shard.update(
-                edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword)
-            )
+            if field not in indexed:
+                shard.update(
+                    edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword)
+                )
         shard.flush()
-        self._shards[name] = shard
 
     def collections(self) -> list[str]:
         with self._lock:
