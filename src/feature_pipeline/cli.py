@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     counts = sub.add_parser("counts", help="points per collection")
     counts.set_defaults(func=_cmd_counts)
 
+    from feature_pipeline.dlq_cli import add_dlq_parser
+
+    add_dlq_parser(sub)
+
     try:
         from feature_pipeline.cdc_cli import add_cdc_parser
     except ImportError:  # the CDC extras are optional
