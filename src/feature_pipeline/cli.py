@@ -102,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
     counts = sub.add_parser("counts", help="points per collection")
     counts.set_defaults(func=_cmd_counts)
 
+    export = sub.add_parser(
+        "export", help="write one type's cleaned documents to a file (a fine-tuning data set)"
+    )
+    export.add_argument("--type", choices=_type_names(), required=True)
+    export.add_argument("--since", type=int, help="only documents whose version (ts) is >= this")
+    export.add_argument(
+        "--author", help="only this author's documents (author_id; owner_id for repositories)"
+    )
+    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    export.add_argument(
+        "--page-size", type=int, default=500, help="documents read at a time (default %(default)s)"
+    )
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.set_defaults(func=_cmd_export)
+
     from feature_pipeline.dlq_cli import add_dlq_parser
 
     add_dlq_parser(sub)
@@ -299,6 +314,45 @@ def _cmd_counts(args: argparse.Namespace) -> int:
     _print_counts(
         _with_store_or_pipeline(settings, local=queries.counts, path="/counts", params={})
     )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from feature_pipeline import queries
+    from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
+    from feature_pipeline.domain.types import DataType
+    from feature_pipeline.export import ExportFilter, all_pages, export, export_page, params_of
+    from feature_pipeline.query_server import ask_running_pipeline
+
+    if args.page_size < 1:
+        raise ValueError(f"--page-size must be at least 1, got {args.page_size}")
+    settings = get_settings()
+    wanted = ExportFilter(DataType(args.type), since=args.since, author=args.author)
+    try:
+        store = FeatureStore.open(settings)
+    except StoreLocked:
+
+        def read_page(offset: str | None) -> tuple[list[dict[str, Any]], str | None]:
+            params = params_of(wanted) | {"limit": str(args.page_size)}
+            if offset is not None:
+                params["offset"] = offset
+            page = ask_running_pipeline(settings, "/export", **params)
+            return page["rows"], page["next"]
+
+        collections = ask_running_pipeline(settings, "/counts")
+    else:
+
+        def read_page(offset: str | None) -> tuple[list[dict[str, Any]], str | None]:
+            return export_page(store, wanted, offset, args.page_size)
+
+        collections = queries.counts(store)
+    if wanted.data_type.cleaned_collection not in collections:
+        raise ValueError(
+            f"the store has no {wanted.data_type.cleaned_collection} collection yet: index "
+            "documents first (`feature-pipeline backfill` or `run`)"
+        )
+    count = export(all_pages(read_page), args.output, args.format)
+    print(f"exported {count} {wanted.data_type.value} documents to {args.output}")
     return 0
 
 

@@ -4,6 +4,8 @@ no authentication); JSON; GET only.
 
     GET /counts                       -> {"cleaned_posts": 87, ...}
     GET /search?q=TEXT&type=posts&k=5 -> [{"score": .., "content": .., ...}]
+    GET /export?type=posts[&since=TS][&author=ID][&offset=ID][&limit=N]
+                                      -> {"rows": [...], "next": ID or null} (one page)
     GET /metrics                      -> Prometheus text
 """
 
@@ -18,7 +20,7 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from feature_pipeline import queries
+from feature_pipeline import export, queries
 from feature_pipeline.connectors.qdrant.store import FeatureStore
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
@@ -52,6 +54,14 @@ def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTP
                         int(params.get("k", "5")),
                     )
                     self._reply(200, hits)
+                elif url.path == "/export":
+                    rows, next_offset = export.export_page(
+                        store,
+                        export.filter_from_params(params),
+                        params.get("offset"),
+                        int(params.get("limit", str(export.PAGE_SIZE))),
+                    )
+                    self._reply(200, {"rows": rows, "next": next_offset})
                 elif url.path == "/metrics":
                     self._reply(200, metrics.prometheus(), content_type="text/plain")
                 else:

@@ -8,7 +8,7 @@ shared by the whole process and calls are serialised.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,6 +191,31 @@ class FeatureStore:
             points.extend(page)
             if offset is None:
                 return points
+
+    def scroll_page(
+        self,
+        collection: str,
+        *,
+        offset: str | None = None,
+        limit: int = 1_000,
+        match_any: Mapping[str, str] | None = None,
+    ) -> tuple[list[models.Record], str | None]:
+        """One page of a collection's points from `offset` (None: the start), and the offset of
+        the next page (None: this was the last). With `match_any`, only the points where at
+        least one of those payload fields has its value."""
+        query_filter = None
+        if match_any:
+            query_filter = models.Filter(
+                should=[
+                    models.FieldCondition(key=key, match=models.MatchValue(value=value))
+                    for key, value in match_any.items()
+                ]
+            )
+        with self._lock:
+            page, next_offset = self._client.scroll(
+                collection, limit=limit, offset=offset, scroll_filter=query_filter
+            )
+        return page, None if next_offset is None else str(next_offset)
 
     def search(self, data_type: DataType, vector: Sequence[float], limit: int) -> list[Hit]:
         with self._lock:
