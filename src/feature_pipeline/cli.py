@@ -318,42 +318,36 @@ def _cmd_counts(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from feature_pipeline import queries
-    from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
     from feature_pipeline.domain.types import DataType
-    from feature_pipeline.export import ExportFilter, all_pages, export, export_page, params_of
-    from feature_pipeline.query_server import ask_running_pipeline
+    from feature_pipeline.export import ExportFilter, all_pages, export, export_page
 
     if args.page_size < 1:
         raise ValueError(f"--page-size must be at least 1, got {args.page_size}")
     settings = get_settings()
     wanted = ExportFilter(DataType(args.type), since=args.since, author=args.author)
-    try:
-        store = FeatureStore.open(settings)
-    except StoreLocked:
-
-        def read_page(offset: str | None) -> tuple[list[dict[str, Any]], str | None]:
-            params = params_of(wanted) | {"limit": str(args.page_size)}
-            if offset is not None:
-                params["offset"] = offset
-            page = ask_running_pipeline(settings, "/export", **params)
-            return page["rows"], page["next"]
-
-        collections = ask_running_pipeline(settings, "/counts")
-    else:
-
-        def read_page(offset: str | None) -> tuple[list[dict[str, Any]], str | None]:
-            return export_page(store, wanted, offset, args.page_size)
-
-        collections = queries.counts(store)
+    reader, collections = _reader_of_store_or_pipeline(settings)
     if wanted.data_type.cleaned_collection not in collections:
         raise ValueError(
             f"the store has no {wanted.data_type.cleaned_collection} collection yet: index "
             "documents first (`feature-pipeline backfill` or `run`)"
         )
-    count = export(all_pages(read_page), args.output, args.format)
+    pages = all_pages(lambda offset: export_page(reader, wanted, offset, args.page_size))
+    count = export(pages, args.output, args.format)
     print(f"exported {count} {wanted.data_type.value} documents to {args.output}")
     return 0
+
+
+def _reader_of_store_or_pipeline(settings: Any) -> tuple[Any, dict[str, int]]:
+    """Read-only access to the store (`PointReader`) and its collections' sizes: the store
+    itself, or the running pipeline when it holds the embedded store."""
+    from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
+    from feature_pipeline.query_server import RunningPipelineReader, ask_running_pipeline
+
+    try:
+        store = FeatureStore.open(settings)
+    except StoreLocked:
+        return RunningPipelineReader(settings), ask_running_pipeline(settings, "/counts")
+    return store, store.counts()
 
 
 def _with_store_or_pipeline(settings: Any, local: Any, path: str, params: dict[str, Any]) -> Any:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from feature_pipeline.connectors.qdrant.store import FeatureStore
+from feature_pipeline.connectors.qdrant.store import PointReader, sync_states_of
 from feature_pipeline.domain.types import DataType
 
 #: Payload fields that identify a document's author; repositories call theirs `owner_id`.
@@ -43,27 +43,8 @@ class ExportFilter:
     author: str | None = None
 
 
-def filter_from_params(params: dict[str, str]) -> ExportFilter:
-    """The filter of an `/export` request of the query service (what `params_of` sends)."""
-    since = params.get("since")
-    return ExportFilter(
-        data_type=DataType(params.get("type", "")),
-        since=None if since is None else int(since),
-        author=params.get("author"),
-    )
-
-
-def params_of(wanted: ExportFilter) -> dict[str, str]:
-    params = {"type": wanted.data_type.value}
-    if wanted.since is not None:
-        params["since"] = str(wanted.since)
-    if wanted.author is not None:
-        params["author"] = wanted.author
-    return params
-
-
 def export_page(
-    store: FeatureStore, wanted: ExportFilter, offset: str | None = None, limit: int = PAGE_SIZE
+    store: PointReader, wanted: ExportFilter, offset: str | None = None, limit: int = PAGE_SIZE
 ) -> tuple[list[dict[str, Any]], str | None]:
     """Rows of one page of the wanted snapshots from `offset`, and the next page's offset (None
     after the last). With `since`, a document whose version is unknown (it came only in the
@@ -72,14 +53,14 @@ def export_page(
     page, next_offset = store.scroll_page(
         wanted.data_type.cleaned_collection, offset=offset, limit=limit, match_any=match
     )
-    states = store.sync_states([str(point.id) for point in page])
+    states = sync_states_of(store, [point.id for point in page])
     rows = []
     for point in page:
-        state = states.get(str(point.id))
+        state = states.get(point.id)
         version = state.version if state is not None else None
         if wanted.since is not None and (version is None or version < wanted.since):
             continue
-        rows.append(_row(wanted.data_type, dict(point.payload or {}), version))
+        rows.append(_row(wanted.data_type, dict(point.payload), version))
     return rows, next_offset
 
 

@@ -4,8 +4,9 @@ no authentication); JSON; GET only.
 
     GET /counts                       -> {"cleaned_posts": 87, ...}
     GET /search?q=TEXT&type=posts&k=5 -> [{"score": .., "content": .., ...}]
-    GET /export?type=posts[&since=TS][&author=ID][&offset=ID][&limit=N]
-                                      -> {"rows": [...], "next": ID or null} (one page)
+    GET /points/page?collection=C[&offset=ID][&limit=N][&match_any=JSON]
+                                      -> {"points": [{"id", "payload"}], "next": ID or null}
+    GET /points/by-id?collection=C&ids=ID,ID,...  -> [{"id", "payload"}] (those that exist)
     GET /metrics                      -> Prometheus text
 """
 
@@ -17,11 +18,13 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from feature_pipeline import export, queries
-from feature_pipeline.connectors.qdrant.store import FeatureStore
+from feature_pipeline import queries
+from feature_pipeline.connectors.qdrant.store import FeatureStore, StoredPoint
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
@@ -54,19 +57,23 @@ def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTP
                         int(params.get("k", "5")),
                     )
                     self._reply(200, hits)
-                elif url.path == "/export":
-                    rows, next_offset = export.export_page(
-                        store,
-                        export.filter_from_params(params),
-                        params.get("offset"),
-                        int(params.get("limit", str(export.PAGE_SIZE))),
+                elif url.path == "/points/page":
+                    points, next_offset = store.scroll_page(
+                        params["collection"],
+                        offset=params.get("offset"),
+                        limit=int(params.get("limit", "1000")),
+                        match_any=json.loads(params.get("match_any", "{}")),
                     )
-                    self._reply(200, {"rows": rows, "next": next_offset})
+                    self._reply(200, {"points": [asdict(p) for p in points], "next": next_offset})
+                elif url.path == "/points/by-id":
+                    ids = [i for i in params.get("ids", "").split(",") if i]
+                    points = store.retrieve(params["collection"], ids)
+                    self._reply(200, [asdict(p) for p in points])
                 elif url.path == "/metrics":
                     self._reply(200, metrics.prometheus(), content_type="text/plain")
                 else:
                     self._reply(404, {"error": f"no such path {url.path}"})
-            except ValueError as exc:
+            except (ValueError, KeyError) as exc:
                 self._reply(400, {"error": str(exc)})
 
         def _reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
@@ -105,3 +112,35 @@ def ask_running_pipeline(settings: Settings, path: str, **params: object) -> Any
         raise QueryServerUnavailable(
             f"the store is locked by another process and no pipeline answers on {url}: {exc}"
         ) from None
+
+
+class RunningPipelineReader:
+    """The store's read-only views (`store.PointReader`), asked page by page of the running
+    pipeline that holds the embedded store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def scroll_page(
+        self,
+        collection: str,
+        *,
+        offset: str | None = None,
+        limit: int = 1_000,
+        match_any: Mapping[str, str] | None = None,
+    ) -> tuple[list[StoredPoint], str | None]:
+        params: dict[str, object] = {"collection": collection, "limit": limit}
+        if offset is not None:
+            params["offset"] = offset
+        if match_any:
+            params["match_any"] = json.dumps(dict(match_any))
+        page = ask_running_pipeline(self._settings, "/points/page", **params)
+        return [StoredPoint(**p) for p in page["points"]], page["next"]
+
+    def retrieve(self, collection: str, ids: Sequence[str]) -> list[StoredPoint]:
+        if not ids:
+            return []
+        found = ask_running_pipeline(
+            self._settings, "/points/by-id", collection=collection, ids=",".join(ids)
+        )
+        return [StoredPoint(**p) for p in found]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from qdrant_client import QdrantClient, models
 
@@ -35,6 +35,14 @@ class SyncState:
     deleted: bool
     chunk_ids: frozenset[str] = frozenset()
 
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> SyncState:
+        return cls(
+            version=payload.get("version"),
+            deleted=payload["deleted"],
+            chunk_ids=frozenset(payload.get("chunk_ids", ())),
+        )
+
     def payload(self, data_type: DataType, entry_id: str) -> dict[str, Any]:
         return {
             "type": data_type.value,
@@ -53,9 +61,41 @@ class StoredChunk:
 
 
 @dataclass(frozen=True)
+class StoredPoint:
+    """A point's id and payload, as the read-only views (export, audit) see it."""
+
+    id: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Hit:
     score: float
     payload: dict[str, Any]
+
+
+class PointReader(Protocol):
+    """The read-only views of the store that export and audit need; the store itself, or the
+    running pipeline that holds the embedded store (`query_server.RunningPipelineReader`)."""
+
+    def scroll_page(
+        self,
+        collection: str,
+        *,
+        offset: str | None = None,
+        limit: int = 1_000,
+        match_any: Mapping[str, str] | None = None,
+    ) -> tuple[list[StoredPoint], str | None]: ...
+
+    def retrieve(self, collection: str, ids: Sequence[str]) -> list[StoredPoint]: ...
+
+
+def sync_states_of(reader: PointReader, ids: Sequence[str]) -> dict[str, SyncState]:
+    """The sync states of these document point ids that exist."""
+    return {
+        point.id: SyncState.from_payload(point.payload)
+        for point in reader.retrieve(SYNC_STATE_COLLECTION, ids)
+    }
 
 
 _stores: dict[str, FeatureStore] = {}
@@ -146,17 +186,7 @@ class FeatureStore:
 
     # -- reads ------------------------------------------------------------------------------
     def sync_states(self, ids: Sequence[str]) -> dict[str, SyncState]:
-        with self._lock:
-            records = self._client.retrieve(SYNC_STATE_COLLECTION, list(ids), with_vectors=False)
-        return {
-            str(r.id): SyncState(
-                version=r.payload.get("version"),
-                deleted=r.payload["deleted"],
-                chunk_ids=frozenset(r.payload.get("chunk_ids", ())),
-            )
-            for r in records
-            if r.payload is not None
-        }
+        return sync_states_of(self, ids)
 
     def chunks(self, data_type: DataType, ids: Sequence[str]) -> dict[str, StoredChunk]:
         if not ids:
@@ -199,7 +229,7 @@ class FeatureStore:
         offset: str | None = None,
         limit: int = 1_000,
         match_any: Mapping[str, str] | None = None,
-    ) -> tuple[list[models.Record], str | None]:
+    ) -> tuple[list[StoredPoint], str | None]:
         """One page of a collection's points from `offset` (None: the start), and the offset of
         the next page (None: this was the last). With `match_any`, only the points where at
         least one of those payload fields has its value."""
@@ -215,7 +245,16 @@ class FeatureStore:
             page, next_offset = self._client.scroll(
                 collection, limit=limit, offset=offset, scroll_filter=query_filter
             )
-        return page, None if next_offset is None else str(next_offset)
+        points = [StoredPoint(id=str(r.id), payload=r.payload or {}) for r in page]
+        return points, None if next_offset is None else str(next_offset)
+
+    def retrieve(self, collection: str, ids: Sequence[str]) -> list[StoredPoint]:
+        """The points of these ids that exist (payloads only)."""
+        if not ids:
+            return []
+        with self._lock:
+            records = self._client.retrieve(collection, list(ids), with_vectors=False)
+        return [StoredPoint(id=str(r.id), payload=r.payload or {}) for r in records]
 
     def search(self, data_type: DataType, vector: Sequence[float], limit: int) -> list[Hit]:
         with self._lock:
