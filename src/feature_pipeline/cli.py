@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_parser(sub)
 
     try:
+        from feature_pipeline.audit_cli import add_audit_parser
+    except ImportError:  # the audit reads the warehouse with the CDC extras
+        pass
+    else:
+        add_audit_parser(sub)
+
+    try:
         from feature_pipeline.cdc_cli import add_cdc_parser
     except ImportError:  # the CDC extras are optional
         pass
@@ -325,7 +332,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--page-size must be at least 1, got {args.page_size}")
     settings = get_settings()
     wanted = ExportFilter(DataType(args.type), since=args.since, author=args.author)
-    reader, collections = _reader_of_store_or_pipeline(settings)
+    reader, collections = reader_of_store_or_pipeline(settings)
     if wanted.data_type.cleaned_collection not in collections:
         raise ValueError(
             f"the store has no {wanted.data_type.cleaned_collection} collection yet: index "
@@ -337,7 +344,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reader_of_store_or_pipeline(settings: Any) -> tuple[Any, dict[str, int]]:
+def reader_of_store_or_pipeline(settings: Any) -> tuple[Any, dict[str, int]]:
     """Read-only access to the store (`PointReader`) and its collections' sizes: the store
     itself, or the running pipeline when it holds the embedded store."""
     from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
