@@ -12,7 +12,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev,cdc]'
+	$(BIN)/pip install -q -e '.[dev,cdc,parquet]'
 	touch $(STAMP)
 
 services:

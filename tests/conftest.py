@@ -66,6 +66,20 @@ def queue_depth(settings: Settings, queue: str) -> int:
     return int(depth)
 
 
+def drain(settings: Settings, queue: str) -> list[tuple[dict, bytes]]:
+    """Consume every ready message of a queue: (headers, body) in queue order."""
+    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
+    channel = connection.channel()
+    messages = []
+    while True:
+        method, properties, body = channel.basic_get(queue, auto_ack=True)
+        if method is None:
+            break
+        messages.append((properties.headers or {}, body))
+    connection.close()
+    return messages
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a subprocess use these settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "QDRANT_"))}

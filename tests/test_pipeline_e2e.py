@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pika
 import pytest
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
@@ -18,7 +17,7 @@ from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
-from .conftest import SAMPLES, queue_depth, read_jsonl, settings_env
+from .conftest import SAMPLES, drain, queue_depth, read_jsonl, settings_env
 from .pipeline_process import PipelineProcess
 
 pytestmark = pytest.mark.slow
@@ -44,19 +43,6 @@ def stored_chunks(settings: Settings, data_types: list[DataType]) -> list[tuple[
     store = FeatureStore.open(settings)
     points = [p for t in data_types for p in store.scroll(t.vector_collection)]
     return [(p.payload["entry_id"], p.payload["chunk_index"], p.payload["content"]) for p in points]
-
-
-def drain(settings: Settings, queue: str) -> list[tuple[dict, bytes]]:
-    connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))
-    channel = connection.channel()
-    messages = []
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            break
-        messages.append((properties.headers or {}, body))
-    connection.close()
-    return messages
 
 
 def test_three_types_both_shapes_mixed_batch(settings: Settings, tmp_path: Path) -> None:

@@ -110,6 +110,32 @@ def build_parser() -> argparse.ArgumentParser:
     points.add_argument("--limit", type=int, default=None, help="at most N points")
     points.set_defaults(func=_cmd_points)
 
+    export = sub.add_parser(
+        "export", help="write one type's cleaned documents to a file (a fine-tuning data set)"
+    )
+    export.add_argument("--type", choices=_type_names(), required=True)
+    export.add_argument("--since", type=int, help="only documents whose version (ts) is >= this")
+    export.add_argument(
+        "--author", help="only this author's documents (author_id; owner_id for repositories)"
+    )
+    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
+    export.add_argument(
+        "--page-size", type=int, default=500, help="documents read at a time (default %(default)s)"
+    )
+    export.add_argument("-o", "--output", type=Path, required=True)
+    export.set_defaults(func=_cmd_export)
+
+    from feature_pipeline.dlq_cli import add_dlq_parser
+
+    add_dlq_parser(sub)
+
+    try:
+        from feature_pipeline.audit_cli import add_audit_parser
+    except ImportError:  # the audit reads the warehouse with the CDC extras
+        pass
+    else:
+        add_audit_parser(sub)
+
     try:
         from feature_pipeline.cdc_cli import add_cdc_parser
     except ImportError:  # the CDC extras are optional
@@ -327,6 +353,39 @@ def _cmd_points(args: argparse.Namespace) -> int:
     for point in points:
         print(json.dumps(point, ensure_ascii=False))
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from feature_pipeline.domain.types import DataType
+    from feature_pipeline.export import ExportFilter, all_pages, export, export_page
+
+    if args.page_size < 1:
+        raise ValueError(f"--page-size must be at least 1, got {args.page_size}")
+    settings = get_settings()
+    wanted = ExportFilter(DataType(args.type), since=args.since, author=args.author)
+    reader, collections = reader_of_store_or_pipeline(settings)
+    if wanted.data_type.cleaned_collection not in collections:
+        raise ValueError(
+            f"the store has no {wanted.data_type.cleaned_collection} collection yet: index "
+            "documents first (`feature-pipeline backfill` or `run`)"
+        )
+    pages = all_pages(lambda offset: export_page(reader, wanted, offset, args.page_size))
+    count = export(pages, args.output, args.format)
+    print(f"exported {count} {wanted.data_type.value} documents to {args.output}")
+    return 0
+
+
+def reader_of_store_or_pipeline(settings: Any) -> tuple[Any, dict[str, int]]:
+    """Read-only access to the store (`PointReader`) and its collections' sizes: the store
+    itself, or the running pipeline when it holds the embedded store."""
+    from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
+    from feature_pipeline.query_server import RunningPipelineReader, ask_running_pipeline
+
+    try:
+        store = FeatureStore.open(settings)
+    except StoreLocked:
+        return RunningPipelineReader(settings), ask_running_pipeline(settings, "/counts")
+    return store, store.counts()
 
 
 def _with_store_or_pipeline(settings: Any, local: Any, path: str, params: dict[str, Any]) -> Any:

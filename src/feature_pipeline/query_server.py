@@ -6,6 +6,9 @@ no authentication); JSON; GET only.
     GET /search?q=TEXT&type=posts&k=5 -> [{"score": .., "content": .., ...}]
     GET /points?collection=vector_posts[&entry_id=..][&type=..][&with_vectors=1][&limit=N]
                                       -> [{"id": .., "payload": {..}[, "vector": [..]]}]
+    GET /points/page?collection=C[&offset=ID][&limit=N][&where=JSON]
+                                      -> {"points": [{"id", "payload"}], "next": ID or null}
+    GET /points/by-id?collection=C&ids=ID,ID,...  -> [{"id", "payload"}] (those that exist)
     GET /metrics                      -> Prometheus text
 """
 
@@ -17,11 +20,13 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from feature_pipeline import queries
-from feature_pipeline.connectors.qdrant.store import FeatureStore
+from feature_pipeline.connectors.qdrant.store import FeatureStore, Match, Record
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
@@ -65,11 +70,23 @@ def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTP
                         limit=int(limit) if limit else None,
                     )
                     self._reply(200, found)
+                elif url.path == "/points/page":
+                    points, next_offset = store.scroll_page(
+                        params["collection"],
+                        offset=params.get("offset"),
+                        limit=int(params.get("limit", "1000")),
+                        where=json.loads(params.get("where", "{}")) or None,
+                    )
+                    self._reply(200, {"points": [asdict(p) for p in points], "next": next_offset})
+                elif url.path == "/points/by-id":
+                    ids = [i for i in params.get("ids", "").split(",") if i]
+                    points = store.retrieve(params["collection"], ids)
+                    self._reply(200, [asdict(p) for p in points])
                 elif url.path == "/metrics":
                     self._reply(200, metrics.prometheus(), content_type="text/plain")
                 else:
                     self._reply(404, {"error": f"no such path {url.path}"})
-            except ValueError as exc:
+            except (ValueError, KeyError) as exc:
                 self._reply(400, {"error": str(exc)})
 
         def _reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
@@ -108,3 +125,42 @@ def ask_running_pipeline(settings: Settings, path: str, **params: object) -> Any
         raise QueryServerUnavailable(
             f"the store is locked by another process and no pipeline answers on {url}: {exc}"
         ) from None
+
+
+class RunningPipelineReader:
+    """The store's read-only views (`store.PointReader`), asked page by page of the running
+    pipeline that holds the embedded store."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+
+    def scroll_page(
+        self,
+        collection: str,
+        *,
+        offset: str | None,
+        limit: int,
+        where: Match | None = None,
+        with_vectors: bool = False,
+    ) -> tuple[list[Record], str | None]:
+        if with_vectors:
+            raise ValueError("the running pipeline serves payloads only")
+        params: dict[str, object] = {"collection": collection, "limit": limit}
+        if offset is not None:
+            params["offset"] = offset
+        if where:
+            params["where"] = json.dumps(dict(where))
+        page = ask_running_pipeline(self._settings, "/points/page", **params)
+        return [Record(**p) for p in page["points"]], page["next"]
+
+    def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[Record]:
+        if with_vectors:
+            raise ValueError("the running pipeline serves payloads only")
+        if not ids:
+            return []
+        found = ask_running_pipeline(
+            self._settings, "/points/by-id", collection=collection, ids=",".join(ids)
+        )
+        return [Record(**p) for p in found]

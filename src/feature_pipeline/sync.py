@@ -17,7 +17,7 @@ For one batch of changes (all owned by the calling sink partition):
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,7 +27,7 @@ from feature_pipeline.connectors.qdrant.store import (
     Point,
     SyncState,
 )
-from feature_pipeline.domain.changes import DocumentChange, chunk_point_id, document_point_id
+from feature_pipeline.domain.changes import DocumentChange, chunk_point_ids, document_point_id
 from feature_pipeline.domain.features import Chunk
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
@@ -130,16 +130,10 @@ class FeatureSync:
 
     def _plan_chunks(self, change: DocumentChange) -> list[_PlannedChunk]:
         model = self._embedder_for(change.type).name
-        seen: Counter[str] = Counter()
-        plan = []
-        for chunk in change.chunks:
-            occurrence = seen[chunk.content_hash]
-            seen[chunk.content_hash] += 1
-            point_id = chunk_point_id(
-                change.type, change.entry_id, model, chunk.content_hash, occurrence
-            )
-            plan.append(_PlannedChunk(point_id=point_id, chunk=chunk, model=model))
-        return plan
+        return [
+            _PlannedChunk(point_id=point_id, chunk=chunk, model=model)
+            for point_id, chunk in zip(chunk_point_ids(change, model), change.chunks, strict=True)
+        ]
 
     def _fill_vectors(self, plan: list[_PlannedChunk]) -> tuple[int, int]:
         """Reuse stored vectors where the chunk exists; embed the rest. Returns (embedded, reused)."""

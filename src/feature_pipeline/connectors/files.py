@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class _DeadLetterFilePartition(StatefulSinkPartition[DeadLetter, None]):
                     "error_type": item.error_type,
                     "reason": item.reason,
                     "body": item.body.decode("utf-8", errors="replace"),
+                    "dead_lettered_at": int(time.time()),
                 }
                 self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._file.flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -73,3 +74,16 @@ class DocumentChange(BaseModel):
     @property
     def key(self) -> str:
         return f"{self.type.value}:{self.entry_id}"
+
+
+def chunk_point_ids(change: DocumentChange, model: str) -> list[str]:
+    """The point id of each of a change's chunks, in order, as embedded by `model`."""
+    seen: Counter[str] = Counter()
+    ids = []
+    for chunk in change.chunks:
+        occurrence = seen[chunk.content_hash]
+        seen[chunk.content_hash] += 1
+        ids.append(
+            chunk_point_id(change.type, change.entry_id, model, chunk.content_hash, occurrence)
+        )
+    return ids

@@ -11,7 +11,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings
@@ -73,6 +73,14 @@ class SyncState:
     deleted: bool
     chunk_ids: frozenset[str] = frozenset()
 
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any]) -> SyncState:
+        return cls(
+            version=payload.get("version"),
+            deleted=payload["deleted"],
+            chunk_ids=frozenset(payload.get("chunk_ids", ())),
+        )
+
     def payload(self, data_type: DataType, entry_id: str) -> dict[str, Any]:
         return {
             "type": data_type.value,
@@ -81,6 +89,34 @@ class SyncState:
             "deleted": self.deleted,
             "chunk_ids": sorted(self.chunk_ids),
         }
+
+
+class PointReader(Protocol):
+    """The reads that export and audit need: the store itself, or the running pipeline that
+    holds the embedded store (`query_server.RunningPipelineReader`)."""
+
+    def retrieve(
+        self, collection: str, ids: Sequence[str], *, with_vectors: bool = False
+    ) -> list[Record]: ...
+
+    def scroll_page(
+        self,
+        collection: str,
+        *,
+        offset: str | None,
+        limit: int,
+        where: Match | None = None,
+        with_vectors: bool = False,
+    ) -> tuple[list[Record], str | None]: ...
+
+
+def sync_states_of(reader: PointReader, ids: Sequence[str]) -> dict[str, SyncState]:
+    """The sync states of these document point ids that exist."""
+    if not ids:
+        return {}
+    return {
+        r.id: SyncState.from_payload(r.payload) for r in reader.retrieve(SYNC_STATE_COLLECTION, ids)
+    }
 
 
 class FeatureStore(ABC):
@@ -157,16 +193,7 @@ class FeatureStore(ABC):
 
     # -- built on the above -----------------------------------------------------------------
     def sync_states(self, ids: Sequence[str]) -> dict[str, SyncState]:
-        if not ids:
-            return {}
-        return {
-            r.id: SyncState(
-                version=r.payload.get("version"),
-                deleted=r.payload["deleted"],
-                chunk_ids=frozenset(r.payload.get("chunk_ids", ())),
-            )
-            for r in self.retrieve(SYNC_STATE_COLLECTION, ids)
-        }
+        return sync_states_of(self, ids)
 
     def chunks(self, data_type: DataType, ids: Sequence[str]) -> dict[str, StoredChunk]:
         if not ids:

@@ -73,9 +73,14 @@ class EventPublisher:
 
     def publish_raw(self, body: bytes, *, routing: ChangeEvent | None = None) -> None:
         """Publish a body as is; routed by `routing`'s document when given, else to the main queue."""
-        if routing is not None and self._settings.shard_queues:
+        document = None if routing is None else (routing.type.value, routing.entry_id)
+        self.publish_for_document(body, document)
+
+    def publish_for_document(self, body: bytes, document: tuple[str, str] | None) -> None:
+        """Publish a body as is to the shard of its (type, entry_id), or to the main queue."""
+        if document is not None and self._settings.shard_queues:
             exchange = router_exchange(self._settings)
-            key = routing_key(routing.type.value, routing.entry_id)
+            key = routing_key(*document)
         else:
             exchange, key = "", self._settings.rabbitmq_queue
         self._channel.basic_publish(
