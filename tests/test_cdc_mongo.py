@@ -16,7 +16,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from feature_pipeline.connectors.cdc.mongo import (
     StreamInvalidated,
     classify_mongo_error,
     collapse_transaction,
+    entry_id_of,
     int_to_timestamp,
     map_change,
     timestamp_to_int,
@@ -215,6 +216,9 @@ class ScriptedWarehouse:
             yield dict(doc)
             if self.server.on_copy is not None:
                 self.server.on_copy()
+
+    def existing_ids(self, collection: str, entry_ids: Sequence[str]) -> set[str]:
+        return {entry_id_of(_id) for _id in self.server.docs[collection]} & set(entry_ids)
 
     def close(self) -> None:
         pass

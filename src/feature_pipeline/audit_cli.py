@@ -11,7 +11,9 @@ from typing import Any
 
 from feature_pipeline.audit import Auditor, Drift, Finding
 from feature_pipeline.connectors.cdc.base import parse_sources
+from feature_pipeline.connectors.cdc.mongo import PyMongoWarehouse
 from feature_pipeline.connectors.qdrant.store import FeatureStore, sync_states_of
+from feature_pipeline.connectors.warehouse import MongoWarehouse, PostgresWarehouse, WarehouseReader
 from feature_pipeline.domain.changes import document_point_id
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, get_settings
@@ -36,13 +38,16 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
         "missing, extra and outdated documents, chunks the sync state lists but the store "
         f"lacks, chunks no state lists. Exit status {EXIT_DRIFT} when there is any.",
     )
-    audit.add_argument("--postgres", required=True, metavar="DSN", help="the warehouse")
-    audit.add_argument("--schema", default="public", help="schema of the tables")
+    warehouse = audit.add_mutually_exclusive_group(required=True)
+    warehouse.add_argument("--postgres", metavar="DSN", help="a PostgreSQL warehouse")
+    warehouse.add_argument("--mongo", metavar="URI", help="a MongoDB warehouse (with --db)")
+    audit.add_argument("--db", help="the MongoDB database")
+    audit.add_argument("--schema", default="public", help="schema of the PostgreSQL tables")
     audit.add_argument(
         "--tables",
         type=_tables,
         default=DEFAULT_TABLES,
-        help=f"type[=table],... (default: {DEFAULT_TABLES})",
+        help=f"type[=table or collection],... (default: {DEFAULT_TABLES})",
     )
     audit.add_argument("--json", action="store_true", help="each difference as a JSON line")
     audit.add_argument(
@@ -57,7 +62,6 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _cmd_audit(args: argparse.Namespace) -> int:
     from feature_pipeline.cli import reader_of_store_or_pipeline
     from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-    from feature_pipeline.connectors.warehouse import PostgresWarehouse
     from feature_pipeline.processing.pipeline import DocumentProcessor
 
     settings = get_settings()
@@ -65,7 +69,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     auditor = Auditor(reader, DocumentProcessor(settings), settings.model_for, collections)
     found: Counter[tuple[DataType, Drift]] = Counter()
     published = orphans_deleted = 0
-    warehouse = PostgresWarehouse(args.postgres, args.tables, args.schema)
+    warehouse = _warehouse(args)
     publisher = EventPublisher(settings) if args.repair else None
     try:
         for finding in auditor.findings(warehouse):
@@ -101,6 +105,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_DRIFT if any(found.values()) else 0
 
 
+def _warehouse(args: argparse.Namespace) -> WarehouseReader:
+    if args.postgres is not None:
+        return PostgresWarehouse(args.postgres, args.tables, args.schema)
+    if not args.db:
+        raise ValueError("--mongo needs --db, the warehouse's database")
+    return MongoWarehouse(PyMongoWarehouse(args.mongo, args.db, list(args.tables)), args.tables)
+
+
 def _delete_orphan(store: FeatureStore, finding: Finding) -> int:
     """Delete an orphan chunk unless its document's state lists it by now (it would no longer be
     an orphan: the pipeline lists a chunk in the state before writing it)."""
@@ -126,7 +138,12 @@ def _print_summary(
     settings: Settings, args: argparse.Namespace, summary: dict, repair: dict | None
 ) -> None:
     store = settings.qdrant_url or str(settings.qdrant_path)
-    print(f"audit of the PostgreSQL warehouse (schema {args.schema}) against the store at {store}")
+    source = (
+        f"the PostgreSQL warehouse (schema {args.schema})"
+        if args.postgres is not None
+        else f"the MongoDB warehouse (database {args.db})"
+    )
+    print(f"audit of {source} against the store at {store}")
     width = max(len(name) for name in summary)
     total = 0
     for data_type, counts in summary.items():

@@ -1,8 +1,10 @@
 """Reads the warehouse's current documents for the drift audit: page by page, and by id.
 
-PostgreSQL tables are `(id text primary key, document jsonb not null)`, one per data type, as the
-CDC service reads them. Memory is bounded by one page whatever the table's size: pages come
-from a server-side cursor, lookups by id are one query per page of ids.
+PostgreSQL tables are `(id text primary key, document jsonb not null)`, one per data type;
+MongoDB collections hold the documents with their `_id`; both as the CDC service reads them, so
+the audit sees each document exactly as its events carry it. Memory is bounded by one page
+whatever the warehouse's size: pages come from a server-side cursor, lookups by id are one query
+per page of ids.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from feature_pipeline.connectors.cdc.mongo import Warehouse, entry_id_of, to_jsonable
 from feature_pipeline.connectors.cdc.postgres import DOCUMENT_COLUMN, ID_COLUMN, without_id
 from feature_pipeline.domain.types import DataType
 
@@ -76,3 +79,36 @@ class PostgresWarehouse:
 
     def close(self) -> None:
         self._conn.close()
+
+
+class MongoWarehouse:
+    """The warehouse's MongoDB collections (`collections`: collection name -> data type),
+    through the CDC service's connection (`connectors.cdc.mongo.Warehouse`)."""
+
+    def __init__(self, warehouse: Warehouse, collections: Mapping[str, DataType]) -> None:
+        self._warehouse = warehouse
+        self._collections = {data_type: name for name, data_type in collections.items()}
+
+    def data_types(self) -> list[DataType]:
+        return list(self._collections)
+
+    def pages(
+        self, data_type: DataType, page_size: int
+    ) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+        page: list[tuple[str, dict[str, Any]]] = []
+        for document in self._warehouse.documents(self._collections[data_type]):
+            body = to_jsonable({k: v for k, v in document.items() if k != "_id"})
+            page.append((entry_id_of(document["_id"]), body))
+            if len(page) == page_size:
+                yield page
+                page = []
+        if page:
+            yield page
+
+    def existing(self, data_type: DataType, entry_ids: Sequence[str]) -> set[str]:
+        if not entry_ids:
+            return set()
+        return self._warehouse.existing_ids(self._collections[data_type], entry_ids)
+
+    def close(self) -> None:
+        self._warehouse.close()

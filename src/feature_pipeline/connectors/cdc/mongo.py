@@ -45,7 +45,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -245,6 +245,10 @@ class Warehouse(Protocol):
 
     def documents(self, collection: str) -> Iterator[Mapping[str, Any]]: ...
 
+    def existing_ids(self, collection: str, entry_ids: Sequence[str]) -> set[str]:
+        """Which of these entry ids (`entry_id_of` the `_id`) the collection has."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -292,6 +296,18 @@ class PyMongoWarehouse:
 
     def documents(self, collection: str) -> Iterator[Mapping[str, Any]]:
         yield from self._db[collection].find({}, batch_size=1000)
+
+    def existing_ids(self, collection: str, entry_ids: Sequence[str]) -> set[str]:
+        # An entry id is the `_id` as text: look it up as every type that prints that way.
+        candidates: list[Any] = []
+        for entry_id in entry_ids:
+            candidates.append(entry_id)
+            if ObjectId.is_valid(entry_id):
+                candidates.append(ObjectId(entry_id))
+            if entry_id.lstrip("-").isdigit():
+                candidates.append(int(entry_id))
+        found = self._db[collection].find({"_id": {"$in": candidates}}, {"_id": 1})
+        return {entry_id_of(document["_id"]) for document in found} & set(entry_ids)
 
     def close(self) -> None:
         self._client.close()
