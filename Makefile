@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 services:
 	bash scripts/ensure_rabbitmq.sh
 	bash scripts/ensure_postgres_logical.sh
+	bash scripts/ensure_chromium.sh
 
 ## Index the bundled sample corpus into the embedded store under ./data, then query it.
 demo: install

@@ -32,6 +32,7 @@ from feature_pipeline.connectors.rabbitmq import topology
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.domain.events import ChangeEvent, Op
 from feature_pipeline.domain.types import DataType
+from feature_pipeline.metrics import totals_from_text
 from feature_pipeline.processing.embedding import available_cores, get_embedder
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings, load_settings
@@ -165,13 +166,7 @@ class Pipeline:
         return body.decode() if path == "/metrics" else json.loads(body)
 
     def metrics(self) -> dict[str, float]:
-        return {
-            line.split()[0].removeprefix("feature_pipeline_").removesuffix("_total"): float(
-                line.split()[1]
-            )
-            for line in self.get("/metrics").splitlines()
-            if line and not line.startswith("#")
-        }
+        return totals_from_text(self.get("/metrics"))
 
     def wait_ready(self, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s

@@ -15,6 +15,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from feature_pipeline.metrics import totals_from_text
 from feature_pipeline.settings import Settings
 
 from .conftest import free_port, settings_env
@@ -71,14 +72,7 @@ class PipelineProcess:
     def metrics(self) -> dict[str, float]:
         url = f"http://127.0.0.1:{self.port}/metrics"
         with urllib.request.urlopen(url, timeout=30) as response:
-            text = response.read().decode()
-        return {
-            line.split()[0].removeprefix("feature_pipeline_").removesuffix("_total"): float(
-                line.split()[1]
-            )
-            for line in text.splitlines()
-            if line and not line.startswith("#")
-        }
+            return totals_from_text(response.read().decode())
 
     def search(self, text: str, data_type: str, k: int = 5) -> list[dict]:
         query = urllib.parse.urlencode({"q": text, "type": data_type, "k": k})

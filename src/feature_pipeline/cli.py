@@ -161,6 +161,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
     from feature_pipeline.dataflow import build_dataflow
     from feature_pipeline.query_server import start_query_server
+    from feature_pipeline.status import readiness
 
     settings = get_settings()
     if args.workers < 1:
@@ -174,10 +175,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     stop = threading.Event()
     _stop_on_signals(stop)
-    # Open the store and load the models before consuming, so a bad setting fails at start.
-    build_sync(settings)
+    readiness.waiting("model", "loading the embedding models")
+    readiness.waiting("broker", "not consuming yet")
+    # The status page and /health answer while the models load.
     if not args.no_query_server and settings.query_port:
         start_query_server(settings, FeatureStore.open(settings))
+    # Open the store and load the models before consuming, so a bad setting fails at start.
+    build_sync(settings)
+    readiness.ready("model")
     flow = build_dataflow(
         settings,
         RabbitMQSource(settings, stop),

@@ -1,6 +1,6 @@
-"""A small local HTTP service in the running pipeline, so `search`/`counts` work while it holds
-the embedded store (only one process may open it). On QUERY_HOST (loopback unless set: there is
-no authentication); JSON; GET only.
+"""A small local HTTP service in the running pipeline: its status page, health, metrics, and
+the store's reads while it holds the embedded store (only one process may open it). On
+QUERY_HOST (loopback unless set: there is no authentication); GET only.
 
     GET /counts                       -> {"cleaned_posts": 87, ...}
     GET /search?q=TEXT&type=posts&k=5 -> [{"score": .., "content": .., ...}]
@@ -9,7 +9,11 @@ no authentication); JSON; GET only.
     GET /points/page?collection=C[&offset=ID][&limit=N][&where=JSON]
                                       -> {"points": [{"id", "payload"}], "next": ID or null}
     GET /points/by-id?collection=C&ids=ID,ID,...  -> [{"id", "payload"}] (those that exist)
-    GET /metrics                      -> Prometheus text
+    GET /status                       -> what the status page shows (JSON)
+    GET /health                       -> 200 while the process serves
+    GET /ready                        -> 200, or 503 {"waiting": {part: reason}}
+    GET /metrics                      -> Prometheus text exposition
+    GET /                             -> the status page (HTML)
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ import threading
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib.resources import files
 from typing import Any
 
 from feature_pipeline import queries
 from feature_pipeline.connectors.qdrant.store import FeatureStore, Match, Record
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.metrics import metrics
+from feature_pipeline.metrics import CONTENT_TYPE, metrics
 from feature_pipeline.settings import Settings
+from feature_pipeline.status import StatusReader, readiness
 
 log = logging.getLogger(__name__)
 
@@ -40,60 +46,101 @@ class QueryServerUnavailable(RuntimeError):
     pass
 
 
+#: The status page, served at `/`: one file, no build step; it reads `/status` and `/search`.
+STATUS_PAGE = files("feature_pipeline").joinpath("static/status.html")
+
+Params = dict[str, str]
+#: A route: the query parameters -> (HTTP status, JSON-able body).
+Route = Callable[[Params], tuple[int, Any]]
+
+
+def routes(settings: Settings, store: FeatureStore, status: StatusReader) -> dict[str, Route]:
+    """Every GET path the service answers, besides `/` and `/metrics`."""
+
+    def search(params: Params) -> tuple[int, Any]:
+        hits = queries.search(
+            settings,
+            store,
+            params.get("q", ""),
+            DataType(params.get("type", "posts")),
+            int(params.get("k", "5")),
+        )
+        return 200, hits
+
+    def points(params: Params) -> tuple[int, Any]:
+        where = {k: params[k] for k in ("entry_id", "type") if params.get(k)}
+        limit = params.get("limit")
+        found = queries.points(
+            store,
+            params.get("collection", ""),
+            where,
+            with_vectors=params.get("with_vectors") == "1",
+            limit=int(limit) if limit else None,
+        )
+        return 200, found
+
+    def points_page(params: Params) -> tuple[int, Any]:
+        page, next_offset = store.scroll_page(
+            params["collection"],
+            offset=params.get("offset"),
+            limit=int(params.get("limit", "1000")),
+            where=json.loads(params.get("where", "{}")) or None,
+        )
+        return 200, {"points": [asdict(p) for p in page], "next": next_offset}
+
+    def points_by_id(params: Params) -> tuple[int, Any]:
+        ids = [i for i in params.get("ids", "").split(",") if i]
+        return 200, [asdict(p) for p in store.retrieve(params["collection"], ids)]
+
+    def ready(_: Params) -> tuple[int, Any]:
+        waiting = readiness.reasons()
+        return (503, {"ready": False, "waiting": waiting}) if waiting else (200, {"ready": True})
+
+    return {
+        "/counts": lambda _: (200, queries.counts(store)),
+        "/search": search,
+        "/points": points,
+        "/points/page": points_page,
+        "/points/by-id": points_by_id,
+        "/status": lambda _: (200, status.status()),
+        "/health": lambda _: (200, {"alive": True}),
+        "/ready": ready,
+    }
+
+
 def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTPServer:
     """Serve queries on QUERY_HOST:QUERY_PORT from a daemon thread."""
+    status = StatusReader(settings, store, metrics)
+    answers = routes(settings, store, status)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             url = urllib.parse.urlparse(self.path)
             params = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+            if url.path == "/":
+                self._send(200, STATUS_PAGE.read_bytes(), "text/html; charset=utf-8")
+                return
+            if url.path == "/metrics":
+                status.queue_depths()  # the depth gauges, fresh within CACHE_S
+                self._send(200, metrics.prometheus().encode(), CONTENT_TYPE)
+                return
+            route = answers.get(url.path)
+            if route is None:
+                self._reply(404, {"error": f"no such path {url.path}"})
+                return
             try:
-                if url.path == "/counts":
-                    self._reply(200, queries.counts(store))
-                elif url.path == "/search":
-                    hits = queries.search(
-                        settings,
-                        store,
-                        params.get("q", ""),
-                        DataType(params.get("type", "posts")),
-                        int(params.get("k", "5")),
-                    )
-                    self._reply(200, hits)
-                elif url.path == "/points":
-                    where = {k: params[k] for k in ("entry_id", "type") if params.get(k)}
-                    limit = params.get("limit")
-                    found = queries.points(
-                        store,
-                        params.get("collection", ""),
-                        where,
-                        with_vectors=params.get("with_vectors") == "1",
-                        limit=int(limit) if limit else None,
-                    )
-                    self._reply(200, found)
-                elif url.path == "/points/page":
-                    points, next_offset = store.scroll_page(
-                        params["collection"],
-                        offset=params.get("offset"),
-                        limit=int(params.get("limit", "1000")),
-                        where=json.loads(params.get("where", "{}")) or None,
-                    )
-                    self._reply(200, {"points": [asdict(p) for p in points], "next": next_offset})
-                elif url.path == "/points/by-id":
-                    ids = [i for i in params.get("ids", "").split(",") if i]
-                    points = store.retrieve(params["collection"], ids)
-                    self._reply(200, [asdict(p) for p in points])
-                elif url.path == "/metrics":
-                    self._reply(200, metrics.prometheus(), content_type="text/plain")
-                else:
-                    self._reply(404, {"error": f"no such path {url.path}"})
+                self._reply(*route(params))
             except (ValueError, KeyError) as exc:
                 self._reply(400, {"error": str(exc)})
 
-        def _reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
-            data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-            self.send_response(status)
+        def _reply(self, status_code: int, body: Any) -> None:
+            self._send(status_code, json.dumps(body).encode(), "application/json")
+
+        def _send(self, status_code: int, data: bytes, content_type: str) -> None:
+            self.send_response(status_code)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.wfile.write(data)
 

@@ -17,7 +17,7 @@ For one batch of changes (all owned by the calling sink partition):
 from __future__ import annotations
 
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +49,8 @@ class _PlannedChunk:
     chunk: Chunk
     model: str
     vector: list[float] | None = None
+    #: Its vector came from the store (same text, same model): not embedded again.
+    reused: bool = False
     #: Stored with this very payload already: nothing to write.
     unchanged: bool = False
 
@@ -120,13 +122,42 @@ class FeatureSync:
             self._write(data_type, type_changes, planned, stale_ids)
         self._write_states(todo, previous, new_ids)
 
-        self._metrics.add("events_applied", len(todo))
-        self._metrics.add("events_superseded", superseded)
-        self._metrics.add("events_stale", stale)
-        self._metrics.add("chunks_embedded", embedded)
-        self._metrics.add("chunks_reused", reused)
-        self._metrics.add("apply_seconds", time.perf_counter() - started)
+        self._count(changes, newest, todo, planned, time.perf_counter() - started)
         return ApplyReport(len(todo), superseded, stale, embedded, reused)
+
+    def _count(
+        self,
+        changes: Sequence[DocumentChange],
+        newest: list[DocumentChange],
+        todo: list[DocumentChange],
+        planned: dict[str, list[_PlannedChunk]],
+        seconds: float,
+    ) -> None:
+        """Counters per data type, the batch's histograms, and each applied change's freshness
+        (from its publish time, when its message carried one)."""
+        received, kept, applied = (
+            Counter(c.type for c in group) for group in (changes, newest, todo)
+        )
+        chunks = [item for plan in planned.values() for item in plan]
+        for data_type in received:
+            name = data_type.value
+            self._metrics.add("events_applied", applied[data_type], label=name)
+            superseded = received[data_type] - kept[data_type]
+            self._metrics.add("events_superseded", superseded, label=name)
+            self._metrics.add("events_stale", kept[data_type] - applied[data_type], label=name)
+            of_type = [item for item in chunks if item.chunk.type is data_type]
+            reused = sum(item.reused for item in of_type)
+            self._metrics.add("chunks_embedded", len(of_type) - reused, label=name)
+            self._metrics.add("chunks_reused", reused, label=name)
+        self._metrics.add("apply_seconds", seconds)
+        self._metrics.observe("apply_batch_seconds", seconds)
+        self._metrics.observe("batch_changes", len(changes))
+        written_at = time.time()
+        for change in todo:
+            if change.published_at is not None:
+                self._metrics.observe(
+                    "freshness_seconds", max(0.0, written_at - change.published_at)
+                )
 
     def _plan_chunks(self, change: DocumentChange) -> list[_PlannedChunk]:
         model = self._embedder_for(change.type).name
@@ -148,6 +179,7 @@ class FeatureSync:
                 existing = stored.get(item.point_id)
                 if existing is not None:
                     item.vector = existing.vector
+                    item.reused = True
                     item.unchanged = existing.payload == item.payload()
                     reused += 1
             missing[data_type] = [i for i in items if i.vector is None]

@@ -19,6 +19,7 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from feature_pipeline.domain.changes import DeadLetter, InboundMessage
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
+from feature_pipeline.status import recent_dead_letters
 
 
 def infer_type(path: Path) -> DataType | None:
@@ -128,6 +129,7 @@ class _DeadLetterFilePartition(StatefulSinkPartition[DeadLetter, None]):
                 self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
             self._file.flush()
         metrics.add("dead_letters", len(items))
+        recent_dead_letters.add(items)
         if self._on_written is not None:
             self._on_written(len(items))
 

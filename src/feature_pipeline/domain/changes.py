@@ -33,10 +33,12 @@ def chunk_point_id(
 
 @dataclass(frozen=True)
 class InboundMessage:
-    """A message body as read from a source, with where it came from (for dead letters)."""
+    """A message body as read from a source, with where it came from (for dead letters) and,
+    when the producer stamped it, when it was published (Unix seconds: freshness)."""
 
     source: str
     body: bytes
+    published_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class DocumentChange(BaseModel):
     cleaned: CleanedDocument | None = None
     chunks: tuple[Chunk, ...] = ()
     source: str = ""
+    #: When its message was published (Unix seconds), if the producer said.
+    published_at: float | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> DocumentChange:

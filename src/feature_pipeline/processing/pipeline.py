@@ -43,7 +43,9 @@ class DocumentProcessor:
         """Never raises for bad input: every problem with the message becomes a dead letter."""
         try:
             event = parse_event(message.body)
-            return self.process_event(event, source=message.source)
+            return self.process_event(
+                event, source=message.source, published_at=message.published_at
+            )
         except InvalidEvent as exc:
             return _dead_letter(message, "invalid_event", str(exc))
         except ValidationError as exc:
@@ -54,10 +56,17 @@ class DocumentProcessor:
             log.exception("handler failed on a message from %s", message.source)
             return _dead_letter(message, "handler_error", f"{type(exc).__name__}: {exc}")
 
-    def process_event(self, event: ChangeEvent, source: str = "") -> DocumentChange:
+    def process_event(
+        self, event: ChangeEvent, source: str = "", published_at: float | None = None
+    ) -> DocumentChange:
         if event.is_delete:
             return DocumentChange(
-                op=event.op, type=event.type, entry_id=event.entry_id, ts=event.ts, source=source
+                op=event.op,
+                type=event.type,
+                entry_id=event.entry_id,
+                ts=event.ts,
+                source=source,
+                published_at=published_at,
             )
         raw = registry.get(event.type, Step.PARSE)(event.document)
         cleaned = registry.get(event.type, Step.CLEAN)(raw, event.entry_id)
@@ -70,6 +79,7 @@ class DocumentProcessor:
             cleaned=cleaned,
             chunks=tuple(chunks),
             source=source,
+            published_at=published_at,
         )
 
 

@@ -14,6 +14,7 @@ from feature_pipeline.connectors.retry import retry_with_backoff
 from feature_pipeline.domain.changes import DeadLetter
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
+from feature_pipeline.status import recent_dead_letters
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class _DeadLetterPartition(StatefulSinkPartition[DeadLetter, None]):
                 retry_on=(AMQPError,),
             )
         metrics.add("dead_letters", len(items))
+        recent_dead_letters.add(items)
         if self._on_written is not None:
             self._on_written(len(items))
 

@@ -21,6 +21,8 @@ from feature_pipeline.settings import Settings
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
+#: When the message was published, in microseconds since the epoch (the pipeline's freshness).
+PUBLISHED_AT_HEADER = "x-published-at-us"
 #: AMQP short strings cap header values; a reason longer than this is cut.
 MAX_REASON_CHARS = 4_000
 
@@ -87,7 +89,11 @@ class EventPublisher:
             exchange=exchange,
             routing_key=key,
             body=body,
-            properties=pika.BasicProperties(content_type=JSON, delivery_mode=2),
+            properties=pika.BasicProperties(
+                content_type=JSON,
+                delivery_mode=2,
+                headers={PUBLISHED_AT_HEADER: time.time_ns() // 1_000},
+            ),
             mandatory=True,
         )
 

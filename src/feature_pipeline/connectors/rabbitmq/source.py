@@ -27,11 +27,12 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.exceptions import AMQPError, ChannelClosedByBroker
 from pika.spec import Basic, BasicProperties
 
-from feature_pipeline.connectors.rabbitmq.publisher import connect
+from feature_pipeline.connectors.rabbitmq.publisher import PUBLISHED_AT_HEADER, connect
 from feature_pipeline.connectors.rabbitmq.topology import consumed_queues, declare_topology
 from feature_pipeline.domain.changes import InboundMessage
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
+from feature_pipeline.status import readiness
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._queue = queue
         self._stop = stop
         self._max_wait = timedelta(milliseconds=settings.batch_max_wait_ms)
-        self._buffer: deque[tuple[int, bytes]] = deque()
+        self._buffer: deque[tuple[int, InboundMessage]] = deque()
         self._first_buffered_at: datetime | None = None
         self._last_read_tag: int | None = None  # last tag handed to the dataflow
         self._ack_upto: int | None = None  # every tag <= this is in a closed epoch
@@ -56,6 +57,7 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._open()
 
     def _open(self) -> None:
+        readiness.waiting(self._part, "connecting to RabbitMQ")
         self._connection = connect(self._settings, attempts=1_000_000)
         self._channel = self._connection.channel()
         declare_topology(self._channel, self._settings)
@@ -72,6 +74,7 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
                 if exc.reply_code != ACCESS_REFUSED:
                     raise
                 if not standing_by:
+                    readiness.waiting(self._part, "standing by: another pipeline consumes it")
                     log.warning(
                         "%s is consumed by another pipeline (a second `feature-pipeline run` on "
                         "RABBITMQ_QUEUE=%s?); standing by until it stops",
@@ -82,15 +85,23 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
                 self._stop.wait(STANDBY_RETRY_S)
                 continue
             self._consuming = True
+            readiness.ready(self._part)
+            readiness.ready("broker")  # `run` waits for the first queue it consumes
             log.info("consuming %s", self._queue)
             return
 
     def _on_message(
-        self, _ch: BlockingChannel, method: Basic.Deliver, _props: BasicProperties, body: bytes
+        self, _ch: BlockingChannel, method: Basic.Deliver, props: BasicProperties, body: bytes
     ) -> None:
         if not self._buffer:
             self._first_buffered_at = datetime.now(UTC)
-        self._buffer.append((method.delivery_tag, body))
+        message = InboundMessage(source=self._queue, body=body, published_at=_published_at(props))
+        self._buffer.append((method.delivery_tag, message))
+
+    @property
+    def _part(self) -> str:
+        """This partition's name in the readiness report."""
+        return f"queue {self._queue}"
 
     def next_batch(self) -> list[InboundMessage]:
         try:
@@ -112,8 +123,8 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         batch = [self._buffer.popleft() for _ in range(min(len(self._buffer), self._batch_size))]
         self._first_buffered_at = datetime.now(UTC) if self._buffer else None
         self._last_read_tag = batch[-1][0]
-        metrics.add("events_received", len(batch))
-        return [InboundMessage(source=self._queue, body=body) for _, body in batch]
+        metrics.add("events_received", len(batch), label=self._queue)
+        return [message for _, message in batch]
 
     @property
     def _batch_size(self) -> int:
@@ -163,6 +174,7 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         # Unacked messages of the lost channel go back to the queue and are redelivered:
         # forget their tags, they mean nothing on a new channel.
         log.warning("lost the broker on %s (%r); reconnecting", self._queue, exc)
+        readiness.waiting(self._part, f"reconnecting to RabbitMQ after {type(exc).__name__}")
         self._buffer.clear()
         self._first_buffered_at = None
         self._last_read_tag = None
@@ -178,6 +190,17 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
                 self._connection.close()
         except AMQPError:
             pass
+
+
+def _published_at(props: BasicProperties) -> float | None:
+    """When the producer published it: our header (microseconds), else the AMQP timestamp
+    property (whole seconds, as other producers may set it), else unknown."""
+    stamp = (props.headers or {}).get(PUBLISHED_AT_HEADER)
+    if isinstance(stamp, int):
+        return stamp / 1_000_000
+    if isinstance(props.timestamp, int):
+        return float(props.timestamp)
+    return None
 
 
 class RabbitMQSource(FixedPartitionedSource[InboundMessage, None]):
