@@ -7,6 +7,7 @@ pipeline accepts (with its value), and the pieces the pipeline depends on are in
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -96,3 +97,57 @@ def test_the_image_pins_the_cpu_torch_of_pyproject_and_stays_offline() -> None:
     assert f"--index-url https://download.pytorch.org/whl/cpu {pin}" in dockerfile
     assert "HF_HUB_OFFLINE=1" in dockerfile
     assert 'pip install ".[cdc]"' in dockerfile  # the CDC services run this image too
+
+
+def exported_series() -> set[str]:
+    """Every sample name the pipeline's /metrics can show (counters observed once, so their
+    labelled series appear too)."""
+    from feature_pipeline.metrics import COUNTER_LABELS, COUNTERS, HISTOGRAMS, Metrics
+
+    own = Metrics()
+    for name in COUNTERS:
+        own.add(name, 1, label="x" if name in COUNTER_LABELS else None)
+    for name in HISTOGRAMS:
+        own.observe(name, 1.0)
+    own.queue_depth.labels("q").set(1)
+    return {
+        line.split("{")[0].split(" ")[0]
+        for line in own.prometheus().splitlines()
+        if line and not line.startswith("#")
+    }
+
+
+def test_prometheus_scrapes_the_pipeline_query_service() -> None:
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    job = next(j for j in config["scrape_configs"] if j["job_name"] == "feature-pipeline")
+    assert job["metrics_path"] == "/metrics"
+    port = int(app_services()["pipeline"]["environment"].get("QUERY_PORT", Settings().query_port))
+    assert job["static_configs"][0]["targets"] == [f"pipeline:{port}"]
+    # The query service listens beyond loopback inside the compose network only.
+    assert app_services()["pipeline"]["environment"]["QUERY_HOST"] == "0.0.0.0"
+    services = compose()["services"]
+    assert (
+        "./prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+        in (services["prometheus"]["volumes"])
+    )
+
+
+def test_every_dashboard_query_reads_a_metric_the_code_exports() -> None:
+    dashboard = json.loads(
+        (DEPLOY / "grafana" / "dashboards" / "feature-pipeline.json").read_text()
+    )
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 10
+    used = {
+        name
+        for expr in exprs
+        for name in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", expr)
+        if name.startswith(("feature_pipeline_", "process_"))
+    }
+    assert used, "no metric in the dashboard"
+    assert used <= exported_series(), f"not exported: {sorted(used - exported_series())}"
+    datasource = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml").read_text()
+    )["datasources"][0]
+    assert {panel["datasource"]["uid"] for panel in dashboard["panels"]} == {datasource["uid"]}
+    assert datasource["url"] == "http://prometheus:9090"
