@@ -25,7 +25,7 @@ from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import CONTENT_TYPE, Metrics, totals_from_text
 from feature_pipeline.query_server import start_query_server
 from feature_pipeline.settings import Settings
-from feature_pipeline.status import CACHE_S, readiness
+from feature_pipeline.status import CACHE_S, describe_progress, readiness
 
 from .conftest import SAMPLES, read_jsonl
 from .pipeline_process import PipelineProcess
@@ -178,3 +178,24 @@ def test_the_status_page_in_a_browser(settings: Settings, tmp_path: Path) -> Non
     queues = {row[0]: row for row in cells(dom, "queues")}
     assert queues[settings.dead_letter_queue][1:3] == ["dead letters", "1"]
     assert [row[0] for row in cells(dom, "models")] == [t.value for t in DataType]
+
+
+def test_the_progress_line_says_rates_backlog_dead_letters_and_freshness() -> None:
+    own = Metrics()
+    before = own.snapshot()
+    own.add("events_applied", 30, label="posts")
+    own.add("chunks_embedded", 120, label="posts")
+    own.add("dead_letters", 2)
+    own.observe("freshness_seconds", 0.25)
+    queues = [
+        {"name": "q", "role": "main", "depth": 5},
+        {"name": "q.shard.0", "role": "shard", "depth": None},
+        {"name": "q.dlq", "role": "dead letters", "depth": 9},
+    ]
+    line = describe_progress(before, own.snapshot(), 10, queues, own)
+    assert line == (
+        "progress: 3.0 events/s applied, 12.0 chunks/s embedded, 0.0 reused; backlog 5 "
+        "messages; 2 dead letters (+2); freshness p50 0.25 s, p99 0.25 s"
+    )
+    unreachable = describe_progress(before, own.snapshot(), 10, {"error": "x"}, own)
+    assert "backlog unknown (broker unreachable)" in unreachable

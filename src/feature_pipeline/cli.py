@@ -160,8 +160,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
     from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
     from feature_pipeline.dataflow import build_dataflow
+    from feature_pipeline.metrics import metrics
     from feature_pipeline.query_server import start_query_server
-    from feature_pipeline.status import readiness
+    from feature_pipeline.status import StatusReader, readiness, start_progress_log
 
     settings = get_settings()
     if args.workers < 1:
@@ -178,8 +179,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     readiness.waiting("model", "loading the embedding models")
     readiness.waiting("broker", "not consuming yet")
     # The status page and /health answer while the models load.
+    status = StatusReader(settings, FeatureStore.open(settings), metrics)
     if not args.no_query_server and settings.query_port:
-        start_query_server(settings, FeatureStore.open(settings))
+        start_query_server(settings, FeatureStore.open(settings), status)
+    if settings.progress_log_s:
+        start_progress_log(status, metrics, settings.progress_log_s)
     # Open the store and load the models before consuming, so a bad setting fails at start.
     build_sync(settings)
     readiness.ready("model")

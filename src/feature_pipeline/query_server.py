@@ -108,9 +108,11 @@ def routes(settings: Settings, store: FeatureStore, status: StatusReader) -> dic
     }
 
 
-def start_query_server(settings: Settings, store: FeatureStore) -> ThreadingHTTPServer:
+def start_query_server(
+    settings: Settings, store: FeatureStore, status: StatusReader | None = None
+) -> ThreadingHTTPServer:
     """Serve queries on QUERY_HOST:QUERY_PORT from a daemon thread."""
-    status = StatusReader(settings, store, metrics)
+    status = status or StatusReader(settings, store, metrics)
     answers = routes(settings, store, status)
 
     class Handler(BaseHTTPRequestHandler):

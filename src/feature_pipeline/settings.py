@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     #: Address the query server (search, counts, metrics) listens on. Loopback by default: it
     #: has no authentication. In a container, 0.0.0.0 lets the container network scrape it.
     query_host: str = Field(default="127.0.0.1", min_length=1)
+    #: Seconds between progress lines in the log while work flows (0: none).
+    progress_log_s: float = Field(default=30, ge=0)
 
     @field_validator("rabbitmq_queue")
     @classmethod

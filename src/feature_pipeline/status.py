@@ -189,3 +189,49 @@ class StatusReader:
             "data_types": [t.value for t in DataType],
             "counter_help": COUNTERS,
         }
+
+
+def start_progress_log(status: StatusReader, counters: Metrics, interval_s: float) -> None:
+    """One log line every `interval_s` while work flows: rates, backlog, dead letters, freshness.
+    Quiet while nothing moves, so an idle pipeline does not fill its log."""
+
+    def run() -> None:
+        before = counters.snapshot()
+        while True:
+            time.sleep(interval_s)
+            now = counters.snapshot()
+            if now == before:
+                continue
+            log.info(describe_progress(before, now, interval_s, status.queue_depths(), counters))
+            before = now
+
+    threading.Thread(target=run, name="progress-log", daemon=True).start()
+
+
+def describe_progress(
+    before: dict[str, float],
+    now: dict[str, float],
+    seconds: float,
+    queues: Any,
+    counters: Metrics,
+) -> str:
+    def per_s(name: str) -> float:
+        return (now[name] - before[name]) / seconds
+
+    if isinstance(queues, list):
+        backlog = str(sum(q["depth"] or 0 for q in queues if q["role"] != "dead letters"))
+    else:
+        backlog = "unknown (broker unreachable)"
+    freshness = counters.freshness()
+    fresh = (
+        f"freshness p50 {freshness['p50_s']:.2f} s, p99 {freshness['p99_s']:.2f} s"
+        if freshness["count"]
+        else "no freshness sample"
+    )
+    new_dead = now["dead_letters"] - before["dead_letters"]
+    return (
+        f"progress: {per_s('events_applied'):.1f} events/s applied, "
+        f"{per_s('chunks_embedded'):.1f} chunks/s embedded, {per_s('chunks_reused'):.1f} reused; "
+        f"backlog {backlog} messages; {now['dead_letters']:.0f} dead letters (+{new_dead:.0f}); "
+        f"{fresh}"
+    )
