@@ -72,6 +72,7 @@ def test_counters_by_type_histograms_and_the_freshness_window() -> None:
     assert "feature_pipeline_messages_in_flight 1.0" in text
     assert "process_resident_memory_bytes" in text
     assert totals_from_text(text)["events_applied"] == 3
+    assert totals_from_text(Metrics().prometheus())["chunks_reused"] == 0
     with pytest.raises(ValueError, match="per type"):
         own.add("events_applied", 1)
 

@@ -208,6 +208,11 @@ def totals_from_text(text: str) -> dict[str, float]:
     over its labels (for scripts and tests that read a running pipeline's /metrics)."""
     totals: dict[str, float] = {}
     for line in text.splitlines():
+        declared = line.split()
+        if declared[:2] == ["#", "TYPE"] and declared[2].startswith(PREFIX):
+            if declared[3] == "counter":  # 0 until a labelled counter's first sample
+                totals.setdefault(declared[2].removeprefix(PREFIX).removesuffix("_total"), 0.0)
+            continue
         if not line.startswith(PREFIX):
             continue
         series, value = line.rsplit(" ", 1)
