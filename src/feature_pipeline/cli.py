@@ -253,7 +253,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     cli_main(flow, workers_per_process=args.workers, epoch_interval=timedelta(seconds=1))
     bar.close()
     elapsed = time.perf_counter() - started
-    done = metrics.snapshot()
+    done = {name: int(value) for name, value in metrics.snapshot().items()}
     print(
         f"indexed {total} lines in {elapsed:.1f}s: {done['events_applied']} applied, "
         f"{done['events_stale']} already up to date, {done['chunks_embedded']} chunks embedded, "
