@@ -12,9 +12,12 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from feature_pipeline.settings import SettingsError, get_settings
+from feature_pipeline.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:  # torch and the models load only for the commands that need them
+    from feature_pipeline.processing.embedding import EmbedderFactory
 
 log = logging.getLogger("feature_pipeline")
 
@@ -119,6 +122,30 @@ def _type_names() -> list[str]:
 
 # -- run ------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    addresses = args.addresses.split(";") if args.addresses else None
+    serve(
+        get_settings(),
+        workers=args.workers,
+        process_id=args.process_id,
+        addresses=addresses,
+        query_server=not args.no_query_server,
+    )
+    return 0
+
+
+def serve(
+    settings: Settings,
+    *,
+    workers: int = 1,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    query_server: bool = True,
+    embedders: EmbedderFactory | None = None,
+) -> None:
+    """Consume the queues until SIGINT/SIGTERM: what `run` does. `embedders` replaces the
+    configured models (an `EmbedderFactory`; the benchmark's ceiling pass gives a stand-in)."""
     from bytewax.run import cli_main
 
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
@@ -126,12 +153,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
     from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
     from feature_pipeline.dataflow import build_dataflow
+    from feature_pipeline.processing.embedding import embedder_for
     from feature_pipeline.query_server import start_query_server
 
-    settings = get_settings()
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    addresses = args.addresses.split(";") if args.addresses else None
+    embedders = embedders or embedder_for
     processes = len(addresses) if addresses else 1
     if processes > 1 and not settings.qdrant_url:
         raise ValueError(
@@ -141,27 +166,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)
     # Open the store and load the models before consuming, so a bad setting fails at start.
-    build_sync(settings)
-    if not args.no_query_server and settings.query_port:
+    build_sync(settings, embedders=embedders)
+    if query_server and settings.query_port:
         start_query_server(settings, FeatureStore.open(settings))
     flow = build_dataflow(
         settings,
         RabbitMQSource(settings, stop),
-        FeatureStoreSink(settings, partitions=args.workers * processes),
+        FeatureStoreSink(settings, partitions=workers * processes, embedders=embedders),
         DeadLetterQueueSink(settings),
     )
-    log.info(
-        "consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, args.workers, processes
-    )
+    log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, workers, processes)
     cli_main(
         flow,
-        workers_per_process=args.workers,
-        process_id=args.process_id,
+        workers_per_process=workers,
+        process_id=process_id,
         addresses=addresses,
         epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
     )
     log.info("stopped")
-    return 0
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -15,6 +15,7 @@ from bytewax.outputs import Sink
 
 from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
+from feature_pipeline.metrics import metrics
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
@@ -28,6 +29,11 @@ def _processor(settings: Settings) -> DocumentProcessor:
         return _processors.setdefault(id(settings), DocumentProcessor(settings))
 
 
+def _process(settings: Settings, message: InboundMessage) -> DocumentChange | DeadLetter:
+    with metrics.timed("processing_seconds"):
+        return _processor(settings).process(message)
+
+
 def build_dataflow(
     settings: Settings,
     source: Source[InboundMessage],
@@ -37,7 +43,7 @@ def build_dataflow(
 ) -> Dataflow:
     flow = Dataflow(name)
     messages = op.input("read", flow, source)
-    processed = op.map("process", messages, lambda m: _processor(settings).process(m))
+    processed = op.map("process", messages, lambda m: _process(settings, m))
     split = op.branch("split_dead_letters", processed, lambda x: isinstance(x, DocumentChange))
     changes: op.Stream[DocumentChange] = split.trues  # type: ignore[assignment]
     rejected: op.Stream[DeadLetter] = split.falses  # type: ignore[assignment]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _DESCRIPTIONS = {
     "events_received": "Messages read from the sources.",
@@ -15,6 +18,9 @@ _DESCRIPTIONS = {
     "chunks_reused": "Chunks whose stored vector was kept (same text, same model).",
     "apply_seconds": "Seconds spent applying changes to the feature store, embedding included.",
     "embedding_seconds": "Seconds spent in the embedding model.",
+    "processing_seconds": "Seconds spent parsing, cleaning and chunking messages.",
+    "store_read_seconds": "Seconds spent reading the feature store (versions, stored chunks).",
+    "store_write_seconds": "Seconds spent writing to the feature store (upserts, deletes).",
 }
 
 
@@ -28,6 +34,15 @@ class Metrics:
             raise KeyError(f"unknown metric {name!r}")
         with self._lock:
             self._counts[name] += value
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        """Add the seconds the block takes to a `*_seconds` counter, even if it raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - started)
 
     def get(self, name: str) -> float:
         with self._lock:

@@ -7,12 +7,13 @@ that document: its version check and its writes cannot race another partition's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
-from feature_pipeline.connectors.qdrant.store import FeatureStore
+from feature_pipeline.connectors.qdrant.store import FeatureStore, StoredChunk, SyncState
 from feature_pipeline.connectors.retry import retry_with_backoff
 from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.domain.types import DataType
@@ -46,7 +47,7 @@ def build_sync(
     `embedders` gives the model of a data type: the configured one, or (the benchmark's ceiling
     pass) a stand-in.
     """
-    store = FeatureStore.open(settings)
+    store = cast(FeatureStore, TimedStore(FeatureStore.open(settings), counters))
 
     def model_for(data_type: DataType) -> EmbeddingModel:
         return embedders(settings, data_type)
@@ -56,6 +57,34 @@ def build_sync(
     store.ensure_collections({t: model_for(t).dimension for t in DataType})
     batch_size = settings.embedding_batch_size_for(resolve_device(settings.embedding_device))
     return FeatureSync(store, model_for, counters, batch_size)
+
+
+class TimedStore:
+    """The store, counting the seconds spent reading and writing it (where a change's time goes:
+    `/metrics` and the benchmark's split); everything else passes through."""
+
+    def __init__(self, store: FeatureStore, counters: Metrics) -> None:
+        self._store = store
+        self._counters = counters
+
+    def sync_states(self, ids: Sequence[str]) -> dict[str, SyncState]:
+        with self._counters.timed("store_read_seconds"):
+            return self._store.sync_states(ids)
+
+    def chunks(self, data_type: DataType, ids: Sequence[str]) -> dict[str, StoredChunk]:
+        with self._counters.timed("store_read_seconds"):
+            return self._store.chunks(data_type, ids)
+
+    def upsert(self, collection: str, points: list[Any]) -> None:
+        with self._counters.timed("store_write_seconds"):
+            self._store.upsert(collection, points)
+
+    def delete_ids(self, collection: str, ids: Sequence[str]) -> None:
+        with self._counters.timed("store_write_seconds"):
+            self._store.delete_ids(collection, ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def check_chunk_size(settings: Settings, data_type: DataType, embedder: EmbeddingModel) -> None:
