@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|fp16|bf16)$")
     #: Unset: the device's default (DEFAULT_EMBEDDING_BATCH_SIZES).
     embedding_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    #: Processes that parse, clean and chunk (0: the Bytewax worker itself). Worth it where cores
+    #: are spare, e.g. beside a GPU; on a CPU the model wants every core.
+    processing_processes: int = Field(default=0, ge=0, le=256)
 
     # Chunking, in word pieces of the model's tokenizer (special tokens excluded).
     chunk_size_posts: int = Field(default=254, ge=16)
