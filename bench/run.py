@@ -536,6 +536,8 @@ def main() -> int:
             },
             "device": result.get("limit", {}).get("device")
             or resolve_device(settings.embedding_device),
+            "workers": args.workers,
+            "processing_processes": settings.processing_processes,
             **result,
             "ceiling": ceiling,
         }
