@@ -3,6 +3,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# torch comes first, on its own: PyPI's Linux wheels are the CUDA build (several GB), so the
+# default takes the CPU build from PyTorch's CPU index; `make install TORCH=cuda` takes PyPI's.
+TORCH ?= cpu
+TORCH_VERSION := 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+ifeq ($(TORCH),cpu)
+TORCH_PIP_ARGS := --extra-index-url $(TORCH_CPU_INDEX) --retries 1 --no-deps
+else ifeq ($(TORCH),cuda)
+TORCH_PIP_ARGS := --no-deps
+else
+$(error TORCH must be cpu or cuda, got '$(TORCH)')
+endif
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -12,6 +24,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) 'torch==$(TORCH_VERSION)'
 	$(BIN)/pip install -q -e '.[dev,cdc,parquet]'
 	touch $(STAMP)
 

@@ -1,4 +1,5 @@
-"""Benchmark: the bare model's limit, the pipeline's end-to-end throughput, freshness and memory."""
+"""Benchmark: the bare model's limit, the pipeline's end-to-end throughput, freshness and memory,
+and the ceiling: the same pipeline with the model replaced by a zero-cost stand-in."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.domain.events import ChangeEvent, Op
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import totals_from_text
-from feature_pipeline.processing.embedding import available_cores, get_embedder
+from feature_pipeline.processing.embedding import available_cores, embedder_for, resolve_device
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings, load_settings
 
@@ -45,19 +46,35 @@ from build_sample_repositories import repository_document  # noqa: E402
 
 #: Standard-library packages added as repositories, in order, until the corpus has enough chunks.
 EXTRA_PACKAGES = ("email", "asyncio", "http", "logging", "importlib", "urllib", "xml", "unittest")
-BATCH_SIZES = (8, 16, 32, 64)
+#: Batch sizes the limit tries, per kind of device.
+BATCH_SIZES: dict[str, tuple[int, ...]] = {
+    "cpu": (8, 16, 32, 64),
+    "cuda": (64, 128, 256, 512, 1024),
+    "mps": (16, 32, 64, 128),
+}
 #: Chunks timed per candidate batch size (the full corpus is then timed at the best one).
 BATCH_SEARCH_CHUNKS = 128
 TARGET_RATIO = 0.9
 TARGET_P50_MS = 300.0
 TARGET_P99_MS = 1000.0
 TARGET_RSS_MB = 1536.0
+TARGET_CEILING = 3000.0
+#: The split of a drain's time, from the pipeline's counters; "rest" is what none of them covers
+#: (the broker, Bytewax, the sync logic between store calls).
+SPLIT = {
+    "parse_clean_chunk": "processing_seconds",
+    "embed": "embedding_seconds",
+    "store_read": "store_read_seconds",
+    "store_write": "store_write_seconds",
+}
 
 
 @dataclass
 class Corpus:
     events: list[ChangeEvent] = field(default_factory=list)
     chunks: list[str] = field(default_factory=list)
+    #: The chunker's word-piece ids of each chunk (what the pipeline feeds the model).
+    token_ids: list[tuple[int, ...]] = field(default_factory=list)
     chunks_by_type: dict[str, int] = field(default_factory=dict)
     docs_by_type: dict[str, int] = field(default_factory=dict)
     repositories: list[str] = field(default_factory=list)
@@ -99,9 +116,11 @@ def _add(
     corpus: Corpus, processor: DocumentProcessor, data_type: DataType, document: dict[str, Any]
 ) -> None:
     event = insert_event(data_type, document)
-    chunks = [c.content for c in processor.process_event(event).chunks]
+    processed = processor.process_event(event).chunks
+    chunks = [c.content for c in processed]
     corpus.events.append(event)
     corpus.chunks += chunks
+    corpus.token_ids += [c.token_ids or () for c in processed]
     corpus.chunks_by_type[data_type.value] = corpus.chunks_by_type.get(data_type.value, 0) + len(
         chunks
     )
@@ -109,32 +128,56 @@ def _add(
 
 
 # -- the limit: the bare model on the pipeline's own chunks ------------------------------------
-def measure_limit(settings: Settings, chunks: list[str]) -> dict[str, Any]:
+def measure_limit(settings: Settings, corpus: Corpus) -> dict[str, Any]:
+    """The bare model on the corpus's chunks: from text (tokenize + forward pass, what
+    `SentenceTransformer.encode` does) at its best batch size; on a GPU also from the
+    chunker's ids (the forward pass alone)."""
+    chunks = corpus.chunks
     started = time.perf_counter()
-    embedder = get_embedder(settings.model_posts, settings.embedding_backend)
+    embedder = embedder_for(settings, DataType.POSTS)
     load_s = time.perf_counter() - started
+    kind = embedder.device.partition(":")[0]
     step = max(1, len(chunks) // BATCH_SEARCH_CHUNKS)
     sample = chunks[::step][:BATCH_SEARCH_CHUNKS]
     # Warm-up: the first pass over new shapes pays one-off kernel set-up.
-    embedder.encode(sample, batch_size=16)
+    embedder.encode(sample, batch_size=BATCH_SIZES[kind][1])
     by_batch = {}
-    for batch_size in BATCH_SIZES:
+    for batch_size in BATCH_SIZES[kind]:
         started = time.perf_counter()
         embedder.encode(sample, batch_size=batch_size)
         by_batch[batch_size] = len(sample) / (time.perf_counter() - started)
         print(f"  batch {batch_size:>3}: {by_batch[batch_size]:.1f} chunks/s on {len(sample)}")
     best = max(by_batch, key=lambda b: by_batch[b])
+    # What tokenizing once saves: the sample from its text and from the chunker's ids, in turns.
+    sample_ids = corpus.token_ids[::step][:BATCH_SEARCH_CHUNKS]
+    from_text, from_ids = [], []
+    for _ in range(2):
+        started = time.perf_counter()
+        embedder.encode(sample, batch_size=best)
+        from_text.append(len(sample) / (time.perf_counter() - started))
+        started = time.perf_counter()
+        embedder.embed(sample, sample_ids, batch_size=best)
+        from_ids.append(len(sample) / (time.perf_counter() - started))
     started = time.perf_counter()
     embedder.encode(chunks, batch_size=best)
     elapsed = time.perf_counter() - started
+    forward_only: dict[str, float] = {}
+    if kind != "cpu":
+        started = time.perf_counter()
+        embedder.embed(chunks, corpus.token_ids, batch_size=best)
+        forward_only["forward_only_chunks_per_s"] = len(chunks) / (time.perf_counter() - started)
     return {
+        "device": embedder.device,
         "backend": embedder.backend,
         "load_s": load_s,
         "batch_size": best,
         "chunks_per_s_by_batch_size": {str(k): round(v, 2) for k, v in by_batch.items()},
+        "sample_from_text_chunks_per_s": round(max(from_text), 2),
+        "sample_from_ids_chunks_per_s": round(max(from_ids), 2),
         "chunks": len(chunks),
         "seconds": elapsed,
         "chunks_per_s": len(chunks) / elapsed,
+        **forward_only,
     }
 
 
@@ -148,12 +191,23 @@ def free_port() -> int:
 class Pipeline:
     """`feature-pipeline run` in a subprocess, watched through its query server."""
 
-    def __init__(self, settings: Settings, env: dict[str, str], log_path: Path) -> None:
+    RUN = (sys.executable, "-m", "feature_pipeline.cli", "run")
+    #: The ceiling pass: the same `run`, with the model replaced by a zero-cost stand-in.
+    CEILING = (sys.executable, str(ROOT / "bench" / "ceiling.py"))
+
+    def __init__(
+        self,
+        settings: Settings,
+        env: dict[str, str],
+        log_path: Path,
+        command: tuple[str, ...] = RUN,
+        workers: int = 1,
+    ) -> None:
         self.settings = settings
         self.log_path = log_path
         self._log = log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "feature_pipeline.cli", "run"],
+            [*command, "--workers", str(workers)],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -208,10 +262,12 @@ def pipeline_env(settings: Settings) -> dict[str, str]:
         RABBITMQ_QUEUE=settings.rabbitmq_queue,
         QDRANT_PATH=str(settings.qdrant_path),
         QUERY_PORT=str(settings.query_port),
+        EMBEDDING_DEVICE=settings.embedding_device,
         EMBEDDING_BACKEND=settings.embedding_backend,
-        EMBEDDING_BATCH_SIZE=str(settings.embedding_batch_size),
         LOG_LEVEL="INFO",
     )
+    if settings.embedding_batch_size is not None:
+        env["EMBEDDING_BATCH_SIZE"] = str(settings.embedding_batch_size)
     return env
 
 
@@ -232,6 +288,11 @@ def measure_drain(pipeline: Pipeline, corpus: Corpus, timeout_s: float) -> dict[
         raise RuntimeError(f"expected {len(corpus.chunks)} chunks embedded, got {done}")
     # Where the time went: the drain is the fresh pipeline's first work, so the counters are its.
     in_model = done["embedding_seconds"]
+    seconds = {part: done[counter] for part, counter in SPLIT.items()}
+    # With several workers the parts overlap and may sum past the wall time: then the shares
+    # are of the summed time, and nothing is left for the rest.
+    seconds["rest"] = max(0.0, elapsed - sum(seconds.values()))
+    counted = sum(seconds.values())
     return {
         "docs": len(corpus.events),
         "chunks": len(corpus.chunks),
@@ -240,7 +301,9 @@ def measure_drain(pipeline: Pipeline, corpus: Corpus, timeout_s: float) -> dict[
         "chunks_per_s": len(corpus.chunks) / elapsed,
         "apply_seconds": done["apply_seconds"],
         "embedding_seconds": in_model,
-        "chunks_per_s_in_model": len(corpus.chunks) / in_model,
+        "chunks_per_s_in_model": len(corpus.chunks) / in_model if in_model else None,
+        "split_seconds": seconds,
+        "percent": {part: round(100 * value / counted, 1) for part, value in seconds.items()},
     }
 
 
@@ -336,46 +399,50 @@ def machine_info() -> dict[str, Any]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    limit, drain, fresh = result["limit"], result["pipeline"], result["freshness"]
-    ratio = result["ratio_to_limit"]
-    rows = [
-        ("corpus", f"{drain['docs']} docs, {drain['chunks']} chunks", ""),
-        ("backend", limit["backend"], ""),
+    ceiling = result["ceiling"]
+    rows = [("corpus", f"{ceiling['docs']} docs, {ceiling['chunks']} chunks", "")]
+    if "limit" in result:
+        limit, drain, fresh = result["limit"], result["pipeline"], result["freshness"]
+        ratio = result["ratio"]
+        rows += [
+            ("device, backend", f"{result['device']}, {limit['backend']}", ""),
+            (
+                "bare model (the limit)",
+                f"{limit['chunks_per_s']:.1f} chunks/s (best batch size {limit['batch_size']})",
+                "",
+            ),
+            ("pipeline start-up (model load)", f"{result['startup_s']:.1f} s", ""),
+            (
+                "pipeline drain",
+                f"{drain['chunks_per_s']:.1f} chunks/s, {drain['docs_per_s']:.1f} docs/s "
+                f"(EMBEDDING_BATCH_SIZE {result['pipeline_batch_size']})",
+                "",
+            ),
+            ("  split (% of the drain)", _split(drain["percent"]), ""),
+            ("ratio to the limit", f"{ratio:.2f}", _verdict(ratio >= TARGET_RATIO, ">= 0.9")),
+            (
+                "freshness p50",
+                f"{fresh['p50_ms']:.0f} ms",
+                _verdict(fresh["p50_ms"] <= TARGET_P50_MS, "<= 300 ms"),
+            ),
+            (
+                "freshness p99",
+                f"{fresh['p99_ms']:.0f} ms",
+                _verdict(fresh["p99_ms"] <= TARGET_P99_MS, "<= 1000 ms"),
+            ),
+            (
+                "peak RSS (pipeline)",
+                f"{result['peak_rss_mb']:.0f} MB",
+                _verdict(result["peak_rss_mb"] <= TARGET_RSS_MB, "<= 1536 MB"),
+            ),
+        ]
+    rows += [
         (
-            "bare model (the limit)",
-            f"{limit['chunks_per_s']:.1f} chunks/s (best batch size {limit['batch_size']})",
-            "",
+            "ceiling (model: zero-cost stand-in)",
+            f"{ceiling['chunks_per_s']:.0f} chunks/s",
+            _verdict(ceiling["chunks_per_s"] >= TARGET_CEILING, ">= 3000 chunks/s"),
         ),
-        ("pipeline start-up (model load)", f"{result['startup_s']:.1f} s", ""),
-        (
-            "pipeline drain",
-            f"{drain['chunks_per_s']:.1f} chunks/s, {drain['docs_per_s']:.1f} docs/s "
-            f"(EMBEDDING_BATCH_SIZE {result['pipeline_batch_size']})",
-            "",
-        ),
-        (
-            "  of which in the model",
-            f"{drain['embedding_seconds']:.0f} of {drain['seconds']:.0f} s "
-            f"({drain['embedding_seconds'] / drain['seconds']:.0%}), "
-            f"{drain['chunks_per_s_in_model']:.1f} chunks/s while in it",
-            "",
-        ),
-        ("ratio to the limit", f"{ratio:.2f}", _verdict(ratio >= TARGET_RATIO, ">= 0.9")),
-        (
-            "freshness p50",
-            f"{fresh['p50_ms']:.0f} ms",
-            _verdict(fresh["p50_ms"] <= TARGET_P50_MS, "<= 300 ms"),
-        ),
-        (
-            "freshness p99",
-            f"{fresh['p99_ms']:.0f} ms",
-            _verdict(fresh["p99_ms"] <= TARGET_P99_MS, "<= 1000 ms"),
-        ),
-        (
-            "peak RSS (pipeline)",
-            f"{result['peak_rss_mb']:.0f} MB",
-            _verdict(result["peak_rss_mb"] <= TARGET_RSS_MB, "<= 1536 MB"),
-        ),
+        ("  split (% of the drain)", _split(ceiling["percent"]), ""),
         ("load average (start / end)", f"{result['load_start']} / {result['load_end']}", ""),
     ]
     width = max(len(r[0]) for r in rows)
@@ -385,8 +452,40 @@ def print_table(result: dict[str, Any]) -> None:
         print(f"{name:<{width}}  {value:<{value_width}}  {verdict}")
 
 
+def _split(percent: dict[str, float]) -> str:
+    return ", ".join(f"{part} {value:.0f}%" for part, value in percent.items())
+
+
 def _verdict(ok: bool, target: str) -> str:
     return f"{'ok' if ok else 'MISSED'} (target {target})"
+
+
+def bench_settings(workdir: Path, name: str) -> Settings:
+    """Everything but the queue, the store and the port comes from the environment (defaults)."""
+    return load_settings(
+        _env_file=None,
+        rabbitmq_queue=f"bench-{name}-{uuid.uuid4().hex[:12]}",
+        qdrant_path=workdir / f"qdrant-{name}",
+        query_port=free_port(),
+    )
+
+
+def measure_ceiling(
+    settings: Settings, corpus: Corpus, workdir: Path, workers: int
+) -> dict[str, Any]:
+    """The corpus drained by the pipeline with the model replaced by a zero-cost stand-in."""
+    with EventPublisher(settings) as publisher:
+        publisher.publish(corpus.events)
+    log = workdir / "ceiling.log"
+    env = pipeline_env(settings)
+    pipeline = Pipeline(settings, env, log, command=Pipeline.CEILING, workers=workers)
+    try:
+        pipeline.wait_ready()
+        drain = measure_drain(pipeline, corpus, timeout_s=600.0)
+    finally:
+        pipeline.stop()
+    drain["model"] = "zero-cost stand-in (bench/ceiling.py): no tokenizing, no forward pass"
+    return drain
 
 
 def main() -> int:
@@ -398,19 +497,22 @@ def main() -> int:
         help="add standard-library repositories until the corpus has this many chunks",
     )
     parser.add_argument("--freshness-docs", type=int, default=60)
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="only the ceiling pass (no model: a minute, not several), written to --output",
+    )
+    parser.add_argument(
+        "-w", "--workers", type=int, default=1, help="Bytewax workers of both pipelines (`run -w`)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "latest.json")
     args = parser.parse_args()
 
     load_start = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="feature-pipeline-bench-"))
-    # Everything but the queue, the store and the port comes from the environment (defaults).
-    settings = load_settings(
-        _env_file=None,
-        rabbitmq_queue=f"bench-{uuid.uuid4().hex[:12]}",
-        qdrant_path=workdir / "qdrant",
-        query_port=free_port(),
-    )
-    pipeline: Pipeline | None = None
+    settings = bench_settings(workdir, "model")
+    ceiling_settings = bench_settings(workdir, "ceiling")
+    result: dict[str, Any] = {}
     try:
         print(f"building the corpus in {workdir} ...")
         processor = DocumentProcessor(settings)
@@ -420,20 +522,69 @@ def main() -> int:
             f"{corpus.chunks_by_type}; repositories: {', '.join(corpus.repositories)}"
         )
 
-        print("measuring the bare model on the pipeline's chunks ...")
-        limit = measure_limit(settings, corpus.chunks)
-        print(f"  limit: {limit['chunks_per_s']:.1f} chunks/s at batch size {limit['batch_size']}")
+        if not args.ceiling_only:
+            result = measure_model_and_pipeline(args, settings, corpus, processor, workdir)
 
-        print(f"publishing {len(corpus.events)} documents to {settings.rabbitmq_queue} ...")
-        started = time.perf_counter()
-        with EventPublisher(settings) as publisher:
-            publisher.publish(corpus.events)
-        publish_s = time.perf_counter() - started
+        print("ceiling: the same pipeline, the model replaced by a zero-cost stand-in ...")
+        ceiling = measure_ceiling(ceiling_settings, corpus, workdir, args.workers)
+        print(f"  drained in {ceiling['seconds']:.1f}s: {ceiling['chunks_per_s']:.0f} chunks/s")
 
-        print("starting `feature-pipeline run` ...")
-        started = time.perf_counter()
-        env = pipeline_env(settings)
-        pipeline = Pipeline(settings, env, workdir / "pipeline.log")
+        result = {
+            "command": "make bench  (.venv/bin/python bench/run.py"
+            + (" --ceiling-only)" if args.ceiling_only else ")"),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(),
+            "load_start": " ".join(f"{x:.2f}" for x in load_start),
+            "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            "corpus": {
+                "documents": corpus.docs_by_type,
+                "chunks": corpus.chunks_by_type,
+                "repositories": corpus.repositories,
+            },
+            "device": result.get("limit", {}).get("device")
+            or resolve_device(settings.embedding_device),
+            "workers": args.workers,
+            "processing_processes": settings.processing_processes,
+            **result,
+            "ceiling": ceiling,
+        }
+        print_table(result)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.output}")
+        return 0
+    finally:
+        delete_topology(settings)
+        delete_topology(ceiling_settings)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def measure_model_and_pipeline(
+    args: argparse.Namespace,
+    settings: Settings,
+    corpus: Corpus,
+    processor: DocumentProcessor,
+    workdir: Path,
+) -> dict[str, Any]:
+    """The limit, then the pipeline's drain, freshness and peak memory with the real model."""
+    print("measuring the bare model on the pipeline's chunks ...")
+    limit = measure_limit(settings, corpus)
+    print(
+        f"  limit: {limit['chunks_per_s']:.1f} chunks/s at batch size {limit['batch_size']} "
+        f"on {limit['device']}, {limit['backend']}"
+    )
+
+    print(f"publishing {len(corpus.events)} documents to {settings.rabbitmq_queue} ...")
+    started = time.perf_counter()
+    with EventPublisher(settings) as publisher:
+        publisher.publish(corpus.events)
+    publish_s = time.perf_counter() - started
+
+    print("starting `feature-pipeline run` ...")
+    started = time.perf_counter()
+    env = pipeline_env(settings)
+    pipeline = Pipeline(settings, env, workdir / "pipeline.log", workers=args.workers)
+    try:
         pipeline.wait_ready()
         startup_s = time.perf_counter() - started
         print(f"  ready after {startup_s:.1f}s; draining ...")
@@ -445,38 +596,20 @@ def main() -> int:
         with EventPublisher(settings) as publisher:
             fresh = measure_freshness(pipeline, publisher, processor, posts, args.freshness_docs)
         peak_rss_mb = pipeline.peak_rss_mb()
-        pipeline.stop()
-
-        result = {
-            "command": "make bench  (.venv/bin/python bench/run.py)",
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine_info(),
-            "load_start": " ".join(f"{x:.2f}" for x in load_start),
-            "load_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "corpus": {
-                "documents": corpus.docs_by_type,
-                "chunks": corpus.chunks_by_type,
-                "repositories": corpus.repositories,
-            },
-            "limit": limit,
-            "publish_s": publish_s,
-            "startup_s": startup_s,
-            "pipeline": drain,
-            "pipeline_batch_size": settings.embedding_batch_size,
-            "ratio_to_limit": drain["chunks_per_s"] / limit["chunks_per_s"],
-            "freshness": fresh,
-            "peak_rss_mb": peak_rss_mb,
-        }
-        print_table(result)
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"\nwrote {args.output}")
-        return 0
     finally:
-        if pipeline is not None:
-            pipeline.stop()
-        delete_topology(settings)
-        shutil.rmtree(workdir, ignore_errors=True)
+        pipeline.stop()
+    ratio = drain["chunks_per_s"] / limit["chunks_per_s"]
+    return {
+        "limit": limit,
+        "publish_s": publish_s,
+        "startup_s": startup_s,
+        "pipeline": drain,
+        "pipeline_batch_size": settings.embedding_batch_size_for(limit["device"]),
+        "ratio": ratio,
+        "ratio_to_limit": ratio,
+        "freshness": fresh,
+        "peak_rss_mb": peak_rss_mb,
+    }
 
 
 if __name__ == "__main__":

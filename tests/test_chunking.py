@@ -57,6 +57,9 @@ def assert_valid_chunks(
         assert chunk.text.strip()
         assert not chunk.text[-1].isspace()
         assert splitter.count_tokens(chunk.text) <= splitter.max_tokens
+        # The ids handed to the model are exactly those of the chunk's text alone.
+        alone = splitter.tokenizer.encode(chunk.text, add_special_tokens=False).ids
+        assert chunk.ids == tuple(alone)
         covered[start:end] = [True] * (end - start)
     missed = [i for i, char in enumerate(text) if not covered[i] and not char.isspace()]
     assert not missed, f"not covered: {[text[i] for i in missed[:10]]}"

@@ -12,7 +12,7 @@ from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.domain.events import ChangeEvent, Op
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
-from feature_pipeline.processing.embedding import get_embedder
+from feature_pipeline.processing.embedding import embedder_for
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 from feature_pipeline.sync import FeatureSync
@@ -205,9 +205,9 @@ def test_a_crash_before_the_final_state_leaves_no_orphan_chunks(
     v2 = {**ARTICLE, "content": {**ARTICLE["content"], "Content": "Version two. " + text[:3000]}}
     crashing = FeatureSync(
         _CrashBeforeFinalState(store),  # type: ignore[arg-type]
-        lambda t: get_embedder(settings.model_for(t), settings.embedding_backend),
+        lambda t: embedder_for(settings, t),
         Metrics(),
-        settings.embedding_batch_size,
+        settings.embedding_batch_size_for("cpu"),
     )
     with pytest.raises(ConnectionError):
         crashing.apply([change(processor, DataType.ARTICLES, "a", v2, ts=2)])

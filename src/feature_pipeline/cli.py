@@ -12,9 +12,12 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from feature_pipeline.settings import SettingsError, get_settings
+from feature_pipeline.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:  # torch and the models load only for the commands that need them
+    from feature_pipeline.processing.embedding import EmbedderFactory
 
 log = logging.getLogger("feature_pipeline")
 
@@ -153,6 +156,30 @@ def _type_names() -> list[str]:
 
 # -- run ------------------------------------------------------------------------------------
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    addresses = args.addresses.split(";") if args.addresses else None
+    serve(
+        get_settings(),
+        workers=args.workers,
+        process_id=args.process_id,
+        addresses=addresses,
+        query_server=not args.no_query_server,
+    )
+    return 0
+
+
+def serve(
+    settings: Settings,
+    *,
+    workers: int = 1,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    query_server: bool = True,
+    embedders: EmbedderFactory | None = None,
+) -> None:
+    """Consume the queues until SIGINT/SIGTERM: what `run` does. `embedders` replaces the
+    configured models (an `EmbedderFactory`; the benchmark's ceiling pass gives a stand-in)."""
     from bytewax.run import cli_main
 
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
@@ -161,13 +188,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
     from feature_pipeline.dataflow import build_dataflow
     from feature_pipeline.metrics import metrics
+    from feature_pipeline.processing.embedding import embedder_for
     from feature_pipeline.query_server import start_query_server
     from feature_pipeline.status import StatusReader, readiness, start_progress_log
 
-    settings = get_settings()
-    if args.workers < 1:
-        raise ValueError(f"--workers must be >= 1, got {args.workers}")
-    addresses = args.addresses.split(";") if args.addresses else None
+    embedders = embedders or embedder_for
     processes = len(addresses) if addresses else 1
     if processes > 1 and not settings.qdrant_url:
         raise ValueError(
@@ -180,31 +205,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     readiness.waiting("broker", "not consuming yet")
     # The status page and /health answer while the models load.
     status = StatusReader(settings, FeatureStore.open(settings), metrics)
-    if not args.no_query_server and settings.query_port:
+    if query_server and settings.query_port:
         start_query_server(settings, FeatureStore.open(settings), status)
     if settings.progress_log_s:
         start_progress_log(status, metrics, settings.progress_log_s)
     # Open the store and load the models before consuming, so a bad setting fails at start.
-    build_sync(settings)
+    build_sync(settings, embedders=embedders)
     readiness.ready("model")
     flow = build_dataflow(
         settings,
         RabbitMQSource(settings, stop),
-        FeatureStoreSink(settings, partitions=args.workers * processes),
+        FeatureStoreSink(settings, partitions=workers * processes, embedders=embedders),
         DeadLetterQueueSink(settings),
     )
-    log.info(
-        "consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, args.workers, processes
-    )
+    log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, workers, processes)
     cli_main(
         flow,
-        workers_per_process=args.workers,
-        process_id=args.process_id,
+        workers_per_process=workers,
+        process_id=process_id,
         addresses=addresses,
         epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
     )
     log.info("stopped")
-    return 0
 
 
 def _stop_on_signals(stop: threading.Event) -> None:

@@ -15,6 +15,8 @@ from bytewax.outputs import Sink
 
 from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
+from feature_pipeline.metrics import metrics
+from feature_pipeline.processing.parallel import processing_pool
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
@@ -28,6 +30,18 @@ def _processor(settings: Settings) -> DocumentProcessor:
         return _processors.setdefault(id(settings), DocumentProcessor(settings))
 
 
+def _process_batch(
+    settings: Settings, messages: list[InboundMessage]
+) -> list[DocumentChange | DeadLetter]:
+    """Parse, clean and chunk one source batch, in order: in this worker, or on the processing
+    pool's cores (PROCESSING_PROCESSES)."""
+    with metrics.timed("processing_seconds"):
+        if settings.processing_processes:
+            return processing_pool(settings).process(messages)
+        processor = _processor(settings)
+        return [processor.process(message) for message in messages]
+
+
 def build_dataflow(
     settings: Settings,
     source: Source[InboundMessage],
@@ -35,9 +49,11 @@ def build_dataflow(
     dead_letters: Sink[tuple[str, DeadLetter]],
     name: str = "feature_pipeline",
 ) -> Dataflow:
+    if settings.processing_processes:
+        processing_pool(settings)  # started before the first message, see ProcessingPool
     flow = Dataflow(name)
     messages = op.input("read", flow, source)
-    processed = op.map("process", messages, lambda m: _processor(settings).process(m))
+    processed = op.flat_map_batch("process", messages, lambda ms: _process_batch(settings, ms))
     split = op.branch("split_dead_letters", processed, lambda x: isinstance(x, DocumentChange))
     changes: op.Stream[DocumentChange] = split.trues  # type: ignore[assignment]
     rejected: op.Stream[DeadLetter] = split.falses  # type: ignore[assignment]

@@ -43,6 +43,9 @@ COUNTERS = {
     "chunks_reused": "Chunks whose stored vector was kept (same text, same model).",
     "apply_seconds": "Seconds spent applying changes to the feature store, embedding included.",
     "embedding_seconds": "Seconds spent in the embedding model.",
+    "processing_seconds": "Seconds spent parsing, cleaning and chunking messages.",
+    "store_read_seconds": "Seconds spent reading the feature store (versions, stored chunks).",
+    "store_write_seconds": "Seconds spent writing to the feature store (upserts, deletes).",
 }
 #: The label of each labelled counter: per data type, or per queue read.
 COUNTER_LABELS = {

@@ -6,7 +6,7 @@ from typing import Any
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore, Match
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.processing.embedding import get_embedder
+from feature_pipeline.processing.embedding import embedder_for
 from feature_pipeline.settings import Settings
 
 
@@ -18,8 +18,7 @@ def search(
         raise ValueError("the search text is empty")
     if limit < 1:
         raise ValueError(f"-k must be at least 1, got {limit}")
-    embedder = get_embedder(settings.model_for(data_type), settings.embedding_backend)
-    vector = embedder.encode([text])[0]
+    vector = embedder_for(settings, data_type).encode([text])[0]
     return [{"score": hit.score, **hit.payload} for hit in store.search(data_type, vector, limit)]
 
 

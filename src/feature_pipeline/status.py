@@ -110,16 +110,16 @@ def describe_models(settings: Settings) -> dict[str, Any]:
     """Each data type's model as it runs (once loaded: asking earlier would load it here)."""
     if "model" in readiness.reasons():
         return {}
-    from feature_pipeline.processing.embedding import get_embedder
+    from feature_pipeline.processing.embedding import embedder_for
 
     described = {}
     for data_type in DataType:
-        embedder = get_embedder(settings.model_for(data_type), settings.embedding_backend)
+        embedder = embedder_for(settings, data_type)
         described[data_type.value] = {
             "model": embedder.name,
             "backend": embedder.backend,
-            "device": "cpu",
-            "batch_size": settings.embedding_batch_size,
+            "device": embedder.device,
+            "batch_size": settings.embedding_batch_size_for(embedder.device),
         }
     return described
 

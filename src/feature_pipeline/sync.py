@@ -31,7 +31,7 @@ from feature_pipeline.domain.changes import DocumentChange, chunk_point_ids, doc
 from feature_pipeline.domain.features import Chunk
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
-from feature_pipeline.processing.embedding import Embedder
+from feature_pipeline.processing.embedding import EmbeddingModel
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ class FeatureSync:
     def __init__(
         self,
         store: FeatureStore,
-        embedder_for: Callable[[DataType], Embedder],
+        embedder_for: Callable[[DataType], EmbeddingModel],
         metrics: Metrics,
         embed_batch_size: int,
     ) -> None:
@@ -188,8 +188,11 @@ class FeatureSync:
             if not items:
                 continue
             started = time.perf_counter()
-            vectors = self._embedder_for(data_type).encode(
-                [i.chunk.content for i in items], batch_size=self._embed_batch_size
+            # The chunker's word-piece ids: the model does not tokenize the texts again.
+            vectors = self._embedder_for(data_type).embed(
+                [i.chunk.content for i in items],
+                [i.chunk.token_ids for i in items],
+                batch_size=self._embed_batch_size,
             )
             self._metrics.add("embedding_seconds", time.perf_counter() - started)
             for item, vector in zip(items, vectors, strict=True):

@@ -71,7 +71,9 @@ class Chunk(_Frozen):
     """A piece of a cleaned document that fits the embedding model, with its place in the text.
 
     `start`/`end` are character offsets into `cleaned_content`, so
-    `cleaned_content[start:end] == content`.
+    `cleaned_content[start:end] == content`. `token_ids` are the word pieces the model's tokenizer
+    makes of `content` alone (no special tokens), from the chunker, so the model does not
+    tokenize it again; never serialised (not in the store's payload), None when not known.
     """
 
     type: DataType
@@ -81,6 +83,7 @@ class Chunk(_Frozen):
     start: int = Field(ge=0)
     end: int = Field(ge=0)
     content_hash: str
+    token_ids: tuple[int, ...] | None = Field(default=None, exclude=True, repr=False)
 
 
 class PostChunk(Chunk, PostFields):

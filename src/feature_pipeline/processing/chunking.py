@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Encoding, Tokenizer, models, normalizers, pre_tokenizers
 
 from feature_pipeline.domain.features import Chunk, CleanedDocument, content_hash
 
@@ -28,12 +28,25 @@ def load_tokenizer(model_path: str) -> Tokenizer:
 
 
 @dataclass(frozen=True)
+class SplitRequest:
+    """One text to split: cut preferences, where it starts in its document, and whether it is
+    code (a chunk that begins a line keeps the line's indentation)."""
+
+    text: str
+    separators: tuple[str, ...] = PROSE_SEPARATORS
+    offset: int = 0
+    keep_indentation: bool = False
+
+
+@dataclass(frozen=True)
 class TextSpan:
-    """A chunk: `text` is exactly the original text between `start` and `end`."""
+    """A chunk: `text` is exactly the original text between `start` and `end`; `ids` are the
+    word pieces the tokenizer makes of `text` alone, without special tokens (None: not known)."""
 
     start: int
     end: int
     text: str
+    ids: tuple[int, ...] | None = field(default=None, compare=False, repr=False)
 
 
 ChunkModel = TypeVar("ChunkModel", bound=Chunk)
@@ -58,6 +71,7 @@ def chunks_from_spans(
             start=span.start,
             end=span.end,
             content_hash=content_hash(span.text),
+            token_ids=span.ids,
             **metadata,
         )
         for index, span in enumerate(spans)
@@ -149,7 +163,10 @@ class TokenSplitter:
         self._word_local = _is_word_local(tokenizer)
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return len(self._ids(text))
+
+    def _ids(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def split(
         self,
@@ -164,47 +181,81 @@ class TokenSplitter:
         Chunks are stripped of surrounding whitespace; with `keep_indentation` (for code) a chunk
         that begins a line keeps that line's leading indentation.
         """
-        if not text.strip():
-            return []
-        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return self.split_many([SplitRequest(text, tuple(separators), offset, keep_indentation)])[0]
+
+    def split_many(self, requests: Sequence[SplitRequest]) -> list[list[TextSpan]]:
+        """`split` of each request; the texts are tokenized in one batch, on every core (the
+        tokenizer's Rust threads, without the GIL): tokenizing is most of the chunker's time."""
+        texts = [r.text if r.text.strip() else "" for r in requests]
+        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [
+            self._split_encoded(r, encoding) if text else []
+            for r, text, encoding in zip(requests, texts, encodings, strict=True)
+        ]
+
+    def _split_encoded(self, request: SplitRequest, encoding: Encoding) -> list[TextSpan]:
+        text, offset, keep_indentation = request.text, request.offset, request.keep_indentation
+        separators = request.separators
         offsets = encoding.offsets
         if not offsets:
             # Only characters the tokenizer ignores (control characters): zero tokens, one chunk.
             start, end = _trim(text, 0, len(text), keep_indentation)
-            return [TextSpan(start + offset, end + offset, text[start:end])]
+            return [TextSpan(start + offset, end + offset, text[start:end], ())]
         starts, ends = zip(*offsets, strict=True)
         # Only special tokens have no word, and they are not added here.
         words = [-1 if word is None else word for word in encoding.word_ids]
         tokens = _Tokens(text, starts=list(starts), ends=list(ends), words=words)
         # "" (langchain's "cut anywhere") is what the token-boundary fallback already does.
         parsed = [_Separator.parse(s) for s in separators if s]
+        packed = self._pack(tokens, parsed, keep_indentation, encoding.ids)
+        # The few chunks whose ids the whole-text tokenization cannot give: one batch call.
+        unknown = [i for i, (_, _, ids) in enumerate(packed) if ids is None]
+        if unknown:
+            texts = [text[packed[i][0] : packed[i][1]] for i in unknown]
+            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            for i, made in zip(unknown, encodings, strict=True):
+                packed[i] = (packed[i][0], packed[i][1], tuple(made.ids))
         return [
-            TextSpan(start + offset, end + offset, text[start:end])
-            for start, end in self._pack(tokens, parsed, keep_indentation)
+            TextSpan(start + offset, end + offset, text[start:end], ids)
+            for start, end, ids in packed
         ]
 
     def _pack(
-        self, tokens: _Tokens, separators: list[_Separator], keep_indentation: bool
-    ) -> list[tuple[int, int]]:
-        """Greedy packing over token indexes; returns trimmed character ranges."""
-        ranges: list[tuple[int, int]] = []
+        self,
+        tokens: _Tokens,
+        separators: list[_Separator],
+        keep_indentation: bool,
+        ids: list[int],
+    ) -> list[tuple[int, int, tuple[int, ...] | None]]:
+        """Greedy packing over token indexes; returns trimmed character ranges and, where the
+        whole text's tokenization gives them exactly, the chunk's ids (else None)."""
+        ranges: list[tuple[int, int, tuple[int, ...] | None]] = []
         first, previous_last = 0, 0
         while True:
             last = self._choose_end(tokens, separators, first, previous_last)
             start, end = _char_range(tokens, first, last, keep_indentation)
             excess = 0
-            while self._needs_check(tokens, first, last):
-                excess = self.count_tokens(tokens.text[start:end]) - self.max_tokens
-                if excess <= 0 or last - first == 1:
-                    break
-                # Cutting inside a word can re-tokenize into more pieces than the slice had.
-                last = max(first + 1, last - excess)
-                start, end = _char_range(tokens, first, last, keep_indentation)
+            chunk_ids: tuple[int, ...] | None = None
+            if self._needs_check(tokens, first, last):
+                while True:
+                    # Cutting inside a word can re-tokenize into more pieces than the slice had.
+                    recounted = self._ids(tokens.text[start:end])
+                    excess = len(recounted) - self.max_tokens
+                    if excess <= 0 or last - first == 1:
+                        chunk_ids = recounted
+                        break
+                    last = max(first + 1, last - excess)
+                    start, end = _char_range(tokens, first, last, keep_indentation)
+            elif _only_whitespace_around(tokens, first, last, start, end):
+                # Between words of a word-local tokenizer: the text alone makes the same pieces.
+                chunk_ids = tuple(ids[first:last])
             if excess > 0:
                 # A lone word piece that re-tokenizes past a tiny limit: cut it by characters.
-                ranges.extend(self._split_characters(tokens.text, start, end))
+                ranges.extend(
+                    (a, b, None) for a, b in self._split_characters(tokens.text, start, end)
+                )
             else:
-                ranges.append((start, end))
+                ranges.append((start, end, chunk_ids))
             if last >= tokens.count:
                 return ranges
             if excess > 0:
@@ -262,6 +313,16 @@ def _char_range(tokens: _Tokens, first: int, last: int, keep_indentation: bool) 
     end = len(tokens.text) if last >= tokens.count else tokens.starts[last]
     end = max(end, tokens.ends[last - 1])
     return _trim(tokens.text, start, end, keep_indentation)
+
+
+def _only_whitespace_around(tokens: _Tokens, first: int, last: int, start: int, end: int) -> bool:
+    """Whether the range [start, end) holds tokens [first, last) and only whitespace besides at
+    its edges; characters that made no token there (a control character, a lone accent) could
+    tokenize differently alone, so such a chunk is tokenized again."""
+    text = tokens.text
+    before = text[start : tokens.starts[first]]
+    after = text[tokens.ends[last - 1] : end]
+    return (not before or before.isspace()) and (not after or after.isspace())
 
 
 def _best_boundary(

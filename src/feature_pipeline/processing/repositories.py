@@ -8,7 +8,7 @@ from feature_pipeline.domain.documents import RepositoryDocument
 from feature_pipeline.domain.features import CleanedRepository, FileSpan, RepositoryChunk
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.chunking import (
-    TextSpan,
+    SplitRequest,
     TokenSplitter,
     chunks_from_spans,
     code_separators_for,
@@ -65,9 +65,15 @@ def chunk_repository(cleaned: CleanedRepository, splitter: TokenSplitter) -> lis
     """Chunks of each file on its own, cut along its language's structure: no chunk mixes two
     files, and each file's first chunk starts with its path."""
     text = cleaned.cleaned_content
-    spans: list[TextSpan] = []
-    for file in cleaned.files:
-        section = text[file.start : file.end]
-        separators = code_separators_for(file.path)
-        spans.extend(splitter.split(section, separators, offset=file.start, keep_indentation=True))
+    requests = [
+        SplitRequest(
+            text[file.start : file.end],
+            tuple(code_separators_for(file.path)),
+            offset=file.start,
+            keep_indentation=True,
+        )
+        for file in cleaned.files
+    ]
+    # All files in one call: the tokenizer encodes them in parallel.
+    spans = [span for spans in splitter.split_many(requests) for span in spans]
     return chunks_from_spans(RepositoryChunk, cleaned, spans)
