@@ -12,7 +12,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from feature_pipeline.connectors.retry import describe_error, stop_requested
 from feature_pipeline.logs import configure_logging
@@ -39,13 +39,32 @@ def main(argv: list[str] | None = None) -> int:
     quiet = args.command in ("search", "counts")
     configure_logging(settings.log_level or ("WARNING" if quiet else "INFO"), settings.log_format)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except SettingsError as exc:
-        return _fail(exc, EXIT_CONFIG)
+        status = _fail(exc, EXIT_CONFIG)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        return _fail(exc, EXIT_ERROR)
+        status = _fail(exc, EXIT_ERROR)
+    except SystemExit as exc:  # a signal during start-up (see `_stop_on_signals`)
+        status = exc.code if isinstance(exc.code, int) else EXIT_ERROR
     finally:
         _close_stores()
+    if args.command in MODEL_COMMANDS:
+        _exit_now(status)
+    return status
+
+
+#: Commands that load the embedding models (torch) and so exit through `_exit_now`.
+MODEL_COMMANDS = ("run", "backfill")
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Leave without the interpreter's teardown: with torch loaded it takes 3-8 s on a busy
+    2-core machine, which would count against a supervisor's stop timeout. Everything is
+    written, acknowledged and closed by now; only the output buffers are left to flush."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _fail(exc: BaseException, status: int) -> int:

@@ -56,6 +56,8 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._open()
 
     def _open(self) -> None:
+        if self._stop.is_set():  # stopped before this partition connected: nothing to read
+            return
         try:
             self._connection = connect(self._settings, attempts=None, stop=self._stop)
         except RetryInterrupted:  # stopped while the broker was down: nothing read, nothing to ack
