@@ -185,3 +185,24 @@ def test_counts_on_an_empty_store_says_so_and_creates_nothing(tmp_path: Path) ->
     assert result.status == 0, result.output
     assert "is empty" in result.stdout and "feature-pipeline backfill" in result.stdout
     assert not (tmp_path / "qdrant").exists()
+
+
+def test_a_store_held_by_another_process_fails_before_the_model_loads(tmp_path: Path) -> None:
+    folder = tmp_path / "qdrant"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from qdrant_client import QdrantClient; "
+            f"c = QdrantClient(path={str(folder)!r}); print('open', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        result = cli(tmp_path, "backfill", str(SAMPLES / "posts.jsonl"), QDRANT_PATH=str(folder))
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert_one_line_error(result, 2, "QDRANT_PATH", "open in another process")

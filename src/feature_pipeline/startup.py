@@ -63,9 +63,16 @@ def check_query_port(settings: Settings) -> None:
 
 
 def check_store(settings: Settings, *, give_up_after_s: float) -> None:
-    """The embedded store's folder is writable, or the Qdrant server answers (retried)."""
+    """The embedded store's folder is writable and no other process holds it, or the Qdrant
+    server answers (retried)."""
     if not settings.qdrant_url:
+        from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
+
         prepare_store_folder(settings.qdrant_path)
+        try:  # opened now, kept open: the models load next
+            FeatureStore.open(settings)
+        except StoreLocked as exc:
+            raise SettingsError(str(exc)) from None
         return
     wait_for_store_server(settings, give_up_after_s=give_up_after_s)
 
