@@ -44,8 +44,6 @@ def main(argv: list[str] | None = None) -> int:
         status = _fail(exc, EXIT_CONFIG)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         status = _fail(exc, EXIT_ERROR)
-    except SystemExit as exc:  # a signal during start-up (see `_stop_on_signals`)
-        status = exc.code if isinstance(exc.code, int) else EXIT_ERROR
     finally:
         _close_stores()
     if args.command in MODEL_COMMANDS:
@@ -232,8 +230,10 @@ def _stop_on_signals(stop: threading.Event) -> _SignalState:
             os._exit(128 + signum)
         stop.set()
         if not state.consuming:
+            # Nothing read yet, so nothing to finish. Exit here rather than raise: an exception
+            # from a signal handler can land in a finalizer (`__del__`) and be swallowed.
             log.info("received %s during start-up: exiting", name)
-            raise SystemExit(128 + signum)
+            _exit_now(128 + signum)
         log.info("received %s: finishing the batch in flight", name)
 
     signal.signal(signal.SIGINT, handle)
