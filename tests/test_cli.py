@@ -69,7 +69,7 @@ def test_a_bad_setting_fails_at_start_naming_it(settings: Settings) -> None:
 def test_a_hub_model_name_fails_fast_without_network(settings: Settings) -> None:
     env = settings_env(settings) | {"MODEL_POSTS": "BAAI/bge-small-en-v1.5"}
     done = cli(settings, "search", "x", "--type", "posts", env=env)
-    assert done.returncode == 1
+    assert done.returncode == 2
     assert "MODEL_POSTS" in done.stderr or "BAAI/bge-small-en-v1.5" in done.stderr
 
 

@@ -19,6 +19,7 @@ from feature_pipeline.connectors.cdc.base import (
 from feature_pipeline.connectors.cdc.mongo import MongoConfig, MongoSource
 from feature_pipeline.connectors.cdc.postgres import DEFAULT_SLOT, PostgresConfig, PostgresSource
 from feature_pipeline.domain.types import DataType
+from feature_pipeline.redaction import redact
 from feature_pipeline.settings import SettingsError, get_settings
 
 log = logging.getLogger("feature_pipeline.cdc")
@@ -122,15 +123,15 @@ def run_cdc_command(args: argparse.Namespace) -> int:
         settings = get_settings()
         source = build_source(args)
     except (SettingsError, ValueError) as exc:
-        print(f"cdc: {exc}", file=sys.stderr)
+        print(f"cdc: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FATAL
     stop = threading.Event()
     stop_on_signals(stop)
     try:
         run_cdc(source, settings, stop)
     except FatalCdcError as exc:
-        log.error("%s CDC stopped: %s", source.name, exc)
-        print(f"cdc {source.name}: {exc}", file=sys.stderr)
+        log.error("%s CDC stopped: %s", source.name, redact(str(exc)))
+        print(f"cdc {source.name}: {redact(str(exc))}", file=sys.stderr)
         return EXIT_FATAL
     return 0
 

@@ -12,8 +12,11 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from feature_pipeline.connectors.retry import describe_error, stop_requested
+from feature_pipeline.logs import configure_logging
+from feature_pipeline.redaction import redact
 from feature_pipeline.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:  # torch and the models load only for the commands that need them
@@ -22,27 +25,54 @@ if TYPE_CHECKING:  # torch and the models load only for the commands that need t
 log = logging.getLogger("feature_pipeline")
 
 
+#: Exit statuses: a setting is invalid, or what it points at is unusable (start-up failures).
+EXIT_CONFIG = 2
+#: Other errors a user can fix (a bad input file, an empty store).
+EXIT_ERROR = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        return _fail(exc, EXIT_CONFIG)
     # Services log their progress; one-shot queries print only their answer (and warnings).
     quiet = args.command in ("search", "counts", "points")
-    logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "WARNING" if quiet else "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # pika logs every connection step at INFO; its warnings and errors still show.
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    configure_logging(settings.log_level or ("WARNING" if quiet else "INFO"), settings.log_format)
     try:
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
     except SettingsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        status = _fail(exc, EXIT_CONFIG)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        status = _fail(exc, EXIT_ERROR)
     finally:
         _close_stores()
+    if args.command in MODEL_COMMANDS:
+        _exit_now(status)
+    return status
+
+
+#: Commands that load the embedding models (torch) and so exit through `_exit_now`.
+MODEL_COMMANDS = ("run", "backfill")
+
+
+def _exit_now(status: int) -> NoReturn:
+    """Leave without the interpreter's teardown: with torch loaded it takes 3-8 s on a busy
+    2-core machine, which would count against a supervisor's stop timeout. Everything is
+    written, acknowledged and closed by now; only the output buffers are left to flush."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def _fail(exc: BaseException, status: int) -> int:
+    """One line on stderr, secrets masked; the traceback only with LOG_LEVEL=DEBUG."""
+    log.debug("failed", exc_info=exc)
+    print(f"error: {redact(str(exc))}", file=sys.stderr)
+    return status
 
 
 def _close_stores() -> None:
@@ -159,14 +189,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError(f"--workers must be >= 1, got {args.workers}")
     addresses = args.addresses.split(";") if args.addresses else None
-    serve(
+    return serve(
         get_settings(),
         workers=args.workers,
         process_id=args.process_id,
         addresses=addresses,
         query_server=not args.no_query_server,
     )
-    return 0
 
 
 def serve(
@@ -177,8 +206,8 @@ def serve(
     addresses: list[str] | None = None,
     query_server: bool = True,
     embedders: EmbedderFactory | None = None,
-) -> None:
-    """Consume the queues until SIGINT/SIGTERM: what `run` does. `embedders` replaces the
+) -> int:
+    """Consume the queues until SIGINT/SIGTERM: what `run` does; the exit status. `embedders` replaces the
     configured models (an `EmbedderFactory`; the benchmark's ceiling pass gives a stand-in)."""
     from bytewax.run import cli_main
 
@@ -190,6 +219,7 @@ def serve(
     from feature_pipeline.metrics import metrics
     from feature_pipeline.processing.embedding import embedder_for
     from feature_pipeline.query_server import start_query_server
+    from feature_pipeline.startup import check_service
     from feature_pipeline.status import StatusReader, readiness, start_progress_log
 
     embedders = embedders or embedder_for
@@ -199,13 +229,15 @@ def serve(
             "several processes cannot share the embedded store (QDRANT_PATH): "
             "run a Qdrant server and set QDRANT_URL, or use --workers in one process"
         )
-    stop = threading.Event()
-    _stop_on_signals(stop)
+    stop = stop_requested  # the retry helper's waits wake on it too
+    signals = _stop_on_signals(stop)
+    query_server = query_server and bool(settings.query_port)
+    check_service(settings, query_server=query_server)
     readiness.waiting("model", "loading the embedding models")
     readiness.waiting("broker", "not consuming yet")
     # The status page and /health answer while the models load.
     status = StatusReader(settings, FeatureStore.open(settings), metrics)
-    if query_server and settings.query_port:
+    if query_server:
         start_query_server(settings, FeatureStore.open(settings), status)
     if settings.progress_log_s:
         start_progress_log(status, metrics, settings.progress_log_s)
@@ -219,25 +251,59 @@ def serve(
         DeadLetterQueueSink(settings),
     )
     log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, workers, processes)
-    cli_main(
-        flow,
-        workers_per_process=workers,
-        process_id=process_id,
-        addresses=addresses,
-        epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
-    )
+    signals.consuming = True
+    try:
+        cli_main(
+            flow,
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
+        )
+    except Exception as exc:
+        # A stop during a store or dead-letter write that was being retried ends that write
+        # (RetryInterrupted): leave without acknowledging its epoch, which is redelivered.
+        if signals.received is None:
+            raise
+        log.warning(
+            "stopped before the epoch in flight was written (%s); its messages will be redelivered",
+            redact(describe_error(exc)).splitlines()[0][:300],
+        )
+        return 128 + signals.received
     log.info("stopped")
+    return 0
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
+class _SignalState:
+    """What the signal handler knows: whether consuming began, and the signal received."""
+
+    def __init__(self) -> None:
+        self.consuming = False
+        self.received: int | None = None
+
+
+def _stop_on_signals(stop: threading.Event) -> _SignalState:
+    """SIGINT/SIGTERM: before consuming, exit at once (nothing read yet); while consuming, finish
+    the epoch in flight and ack it (exit 0); a second signal leaves at once (unacked messages
+    are redelivered). Retry waits wake on `stop`, so a broker outage does not delay any of it."""
+    state = _SignalState()
+
     def handle(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        state.received = signum
         if stop.is_set():  # a second Ctrl-C: leave now; unacked messages are redelivered
-            os._exit(130)
-        log.info("received %s: finishing the batch in flight", signal.Signals(signum).name)
+            os._exit(128 + signum)
         stop.set()
+        if not state.consuming:
+            # Nothing read yet, so nothing to finish. Exit here rather than raise: an exception
+            # from a signal handler can land in a finalizer (`__del__`) and be swallowed.
+            log.info("received %s during start-up: exiting", name)
+            _exit_now(128 + signum)
+        log.info("received %s: finishing the batch in flight", name)
 
     signal.signal(signal.SIGINT, handle)
     signal.signal(signal.SIGTERM, handle)
+    return state
 
 
 # -- backfill -------------------------------------------------------------------------------
@@ -251,10 +317,12 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from feature_pipeline.dataflow import build_dataflow
     from feature_pipeline.domain.types import DataType
     from feature_pipeline.metrics import metrics
+    from feature_pipeline.startup import check_service
 
     settings = get_settings()
     data_type = DataType(args.type) if args.type else None
     source = JsonLinesSource(args.files, data_type, batch_size=settings.batch_size)
+    check_service(settings, query_server=False)
     build_sync(settings)
     total = count_lines(args.files)
     bar = tqdm(total=total, unit="doc", desc="indexing", disable=args.no_progress)
@@ -288,6 +356,8 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
 
 # -- publish --------------------------------------------------------------------------------
 def _cmd_publish(args: argparse.Namespace) -> int:
+    from pika.exceptions import AMQPConnectionError
+
     from feature_pipeline.connectors.files import infer_type
     from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
     from feature_pipeline.domain.events import ChangeEvent, Op
@@ -298,8 +368,14 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     if data_type is None:
         raise ValueError(f"cannot tell the data type of {args.file}: pass --type")
     op = Op(args.op)
+    if not args.file.is_file():
+        raise FileNotFoundError(f"no such file: {args.file}")
+    try:
+        publisher = EventPublisher(settings)
+    except AMQPConnectionError as exc:  # its message names RABBITMQ_URL, password masked
+        raise SettingsError(str(exc)) from None
     count = 0
-    with EventPublisher(settings) as publisher, args.file.open(encoding="utf-8") as lines:
+    with publisher, args.file.open(encoding="utf-8") as lines:
         for line_no, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -329,12 +405,21 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 def _cmd_search(args: argparse.Namespace) -> int:
     from feature_pipeline import queries
     from feature_pipeline.domain.types import DataType
+    from feature_pipeline.startup import check_models
 
     settings = get_settings()
     data_type = DataType(args.type)
+    check_models(settings, (data_type,))
+
+    def local(store: Any) -> Any:
+        # Before loading the model (15-60 s): is there anything to search?
+        if data_type.vector_collection not in store.counts():
+            raise EmptyStore(_empty_store_hint(settings, data_type.vector_collection))
+        return queries.search(settings, store, args.text, data_type, args.k)
+
     hits = _with_store_or_pipeline(
         settings,
-        local=lambda store: queries.search(settings, store, args.text, data_type, args.k),
+        local=local,
         path="/search",
         params={"q": args.text, "type": data_type.value, "k": args.k},
     )
@@ -357,9 +442,13 @@ def _cmd_counts(args: argparse.Namespace) -> int:
     from feature_pipeline import queries
 
     settings = get_settings()
-    _print_counts(
-        _with_store_or_pipeline(settings, local=queries.counts, path="/counts", params={})
-    )
+    try:
+        counts = _with_store_or_pipeline(settings, local=queries.counts, path="/counts", params={})
+    except EmptyStore:
+        counts = {}
+    _print_counts(counts)
+    if not counts:
+        print(_empty_store_hint(settings, None))
     return 0
 
 
@@ -419,11 +508,38 @@ def reader_of_store_or_pipeline(settings: Any) -> tuple[Any, dict[str, int]]:
     return store, store.counts()
 
 
+class EmptyStore(RuntimeError):
+    """Nothing was ever indexed where the settings point."""
+
+
+def _empty_store_hint(settings: Any, collection: str | None) -> str:
+    where = (
+        f"QDRANT_URL={redact(settings.qdrant_url)}"
+        if settings.qdrant_url
+        else f"QDRANT_PATH={settings.qdrant_path}"
+    )
+    what = f"has no collection {collection}" if collection else "is empty"
+    return (
+        f"the store at {where} {what}: index documents first with "
+        "`feature-pipeline backfill FILE.jsonl` (or `feature-pipeline run`)"
+    )
+
+
 def _with_store_or_pipeline(settings: Any, local: Any, path: str, params: dict[str, Any]) -> Any:
-    """Query the store directly; if a running pipeline holds the embedded store, ask it."""
+    """Query the store directly; if a running pipeline holds the embedded store, ask it.
+
+    An embedded store that was never written is not opened (opening creates its folder), and a
+    server that does not answer fails in a few seconds, in one line naming QDRANT_URL.
+    """
+    from feature_pipeline.connectors.qdrant.location import store_folder_is_empty
     from feature_pipeline.connectors.qdrant.store import FeatureStore, StoreLocked
     from feature_pipeline.query_server import ask_running_pipeline
+    from feature_pipeline.startup import QUERY_STORE_WAIT_S, wait_for_store_server
 
+    if settings.qdrant_url:
+        wait_for_store_server(settings, give_up_after_s=QUERY_STORE_WAIT_S, log_level=logging.INFO)
+    elif store_folder_is_empty(settings.qdrant_path):
+        raise EmptyStore(_empty_store_hint(settings, None))
     try:
         store = FeatureStore.open(settings)
     except StoreLocked:
@@ -432,8 +548,6 @@ def _with_store_or_pipeline(settings: Any, local: Any, path: str, params: dict[s
 
 
 def _print_counts(counts: dict[str, int]) -> None:
-    if not counts:
-        print("the store is empty (no collections yet)")
     width = max((len(name) for name in counts), default=0)
     for name, count in counts.items():
         print(f"{name:<{width}}  {count:>7}")

@@ -34,7 +34,7 @@ from feature_pipeline import queries
 from feature_pipeline.connectors.qdrant.store import FeatureStore, Match, Record
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import CONTENT_TYPE, metrics
-from feature_pipeline.settings import Settings
+from feature_pipeline.settings import Settings, SettingsError
 from feature_pipeline.status import StatusReader, readiness
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,13 @@ def start_query_server(
         def log_message(self, format: str, *args: object) -> None:
             log.debug("query server: " + format, *args)
 
-    server = ThreadingHTTPServer((settings.query_host, settings.query_port), Handler)
+    try:
+        server = ThreadingHTTPServer((settings.query_host, settings.query_port), Handler)
+    except OSError as exc:  # taken since the start-up check (`startup.check_query_port`)
+        raise SettingsError(
+            f"QUERY_PORT={settings.query_port} on QUERY_HOST={settings.query_host} cannot be "
+            f"served: {exc.strerror or exc}"
+        ) from None
     threading.Thread(target=server.serve_forever, name="query-server", daemon=True).start()
     log.info("serving queries on http://%s:%d", settings.query_host, server.server_address[1])
     return server

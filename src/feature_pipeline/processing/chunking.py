@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,6 +26,20 @@ def load_tokenizer(model_path: str) -> Tokenizer:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     return tokenizer
+
+
+def model_window(model_path: str) -> tuple[int, int] | None:
+    """(word pieces the model reads, special tokens among them) from the model folder's files,
+    without loading its weights; None when sentence_bert_config.json does not say."""
+    config = Path(model_path) / "sentence_bert_config.json"
+    if not config.is_file():
+        return None
+    max_seq_length = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
+    if not isinstance(max_seq_length, int):
+        return None
+    post_processor = load_tokenizer(model_path).post_processor
+    special = post_processor.num_special_tokens_to_add(False) if post_processor else 0
+    return max_seq_length, special
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pika.exceptions import AMQPError
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.domain.events import ChangeEvent
 from feature_pipeline.domain.types import DataType
+from feature_pipeline.redaction import redact
 from feature_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -158,7 +159,7 @@ def run_cdc(
                 "%s CDC: %s: %s; reconnecting in %.0fs from the last saved position",
                 source.name,
                 type(exc).__name__,
-                exc,
+                redact(str(exc)),  # driver errors may quote the DSN or URI
                 backoff_s,
             )
             stop.wait(backoff_s)

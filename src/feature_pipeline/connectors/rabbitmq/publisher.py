@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from pika.exceptions import AMQPConnectionError
+from pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
 
 from feature_pipeline.connectors.rabbitmq.topology import (
     declare_topology,
     router_exchange,
     routing_key,
 )
+from feature_pipeline.connectors.retry import describe_error, retry_with_backoff
 from feature_pipeline.domain.events import ChangeEvent
+from feature_pipeline.redaction import redact
 from feature_pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,38 +30,39 @@ PUBLISHED_AT_HEADER = "x-published-at-us"
 MAX_REASON_CHARS = 4_000
 
 
-def connect(settings: Settings, *, attempts: int = 1, backoff_s: float = 1.0) -> BlockingConnection:
-    """Open a blocking connection, retrying with exponential backoff when the broker is down."""
+def connect(
+    settings: Settings, *, attempts: int | None = 1, stop: threading.Event | None = None
+) -> BlockingConnection:
+    """Open a blocking connection, retrying with backoff while the broker is down (`attempts`
+    None: until it answers or `stop` is set, which raises `RetryInterrupted`)."""
     params = pika.URLParameters(settings.rabbitmq_url)
     params.heartbeat = settings.rabbitmq_heartbeat_s
     params.blocked_connection_timeout = 300
-    delay = backoff_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return pika.BlockingConnection(params)
-        except AMQPConnectionError as exc:
-            if attempt == attempts:
-                raise AMQPConnectionError(
-                    f"cannot reach RabbitMQ at {_redact(settings.rabbitmq_url)} "
-                    f"(RABBITMQ_URL) after {attempts} attempt(s): {exc!r}"
-                ) from exc
-            log.warning("broker unreachable (%r); retrying in %.1fs", exc, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-    raise AssertionError("unreachable")
-
-
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    try:
+        return retry_with_backoff(
+            lambda: pika.BlockingConnection(params),
+            f"connecting to RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL)",
+            retry_on=(AMQPConnectionError,),
+            first_delay_s=0.5,
+            attempts=attempts,
+            stop=stop,
+        )
+    except ProbableAuthenticationError:
+        raise AMQPConnectionError(
+            f"RabbitMQ at {redact(settings.rabbitmq_url)} refused the user name or password of "
+            "RABBITMQ_URL"
+        ) from None
+    except AMQPConnectionError as exc:
+        raise AMQPConnectionError(
+            f"cannot reach RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL) after "
+            f"{attempts} attempt(s): {redact(describe_error(exc))}"
+        ) from None
 
 
 class EventPublisher:
     """Publishes to the pipeline's topology; returns only once the broker confirmed each message."""
 
-    def __init__(self, settings: Settings, *, connect_attempts: int = 5) -> None:
+    def __init__(self, settings: Settings, *, connect_attempts: int = 3) -> None:
         self._settings = settings
         self._connection = connect(settings, attempts=connect_attempts)
         self._channel: BlockingChannel = self._connection.channel()

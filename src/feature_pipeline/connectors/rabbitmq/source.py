@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from datetime import UTC, datetime, timedelta
 
@@ -29,6 +28,7 @@ from pika.spec import Basic, BasicProperties
 
 from feature_pipeline.connectors.rabbitmq.publisher import PUBLISHED_AT_HEADER, connect
 from feature_pipeline.connectors.rabbitmq.topology import consumed_queues, declare_topology
+from feature_pipeline.connectors.retry import RetryInterrupted
 from feature_pipeline.domain.changes import InboundMessage
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
@@ -57,8 +57,14 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._open()
 
     def _open(self) -> None:
+        if self._stop.is_set():  # stopped before this partition connected: nothing to read
+            return
         readiness.waiting(self._part, "connecting to RabbitMQ")
-        self._connection = connect(self._settings, attempts=1_000_000)
+        try:
+            self._connection = connect(self._settings, attempts=None, stop=self._stop)
+        except RetryInterrupted:  # stopped while the broker was down: nothing read, nothing to ack
+            log.info("stopped while waiting for the broker (%s)", self._queue)
+            return
         self._channel = self._connection.channel()
         declare_topology(self._channel, self._settings)
         standing_by = False
@@ -181,13 +187,14 @@ class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
         self._ack_upto = None
         self._consuming = False
         self.close()
-        time.sleep(1.0)
+        self._stop.wait(1.0)
         self._open()
 
     def close(self) -> None:
+        connection = getattr(self, "_connection", None)  # none if stopped before connecting
         try:
-            if self._connection.is_open:
-                self._connection.close()
+            if connection is not None and connection.is_open:
+                connection.close()
         except AMQPError:
             pass
 
