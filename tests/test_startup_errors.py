@@ -193,8 +193,11 @@ def test_a_store_held_by_another_process_fails_before_the_model_loads(tmp_path: 
         [
             sys.executable,
             "-c",
-            "import sys, time; from qdrant_client import QdrantClient; "
-            f"c = QdrantClient(path={str(folder)!r}); print('open', flush=True); time.sleep(120)",
+            "import time; from pathlib import Path; "
+            "from feature_pipeline.settings import load_settings; "
+            "from feature_pipeline.connectors.qdrant.store import FeatureStore; "
+            f"FeatureStore.open(load_settings(_env_file=None, qdrant_path=Path({str(folder)!r}))); "
+            "print('open', flush=True); time.sleep(120)",
         ],
         stdout=subprocess.PIPE,
         text=True,
