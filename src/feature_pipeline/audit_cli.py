@@ -10,7 +10,7 @@ from collections import Counter
 from typing import Any
 
 from feature_pipeline.audit import Auditor, Drift, Finding
-from feature_pipeline.connectors.cdc.base import parse_sources
+from feature_pipeline.cdc_cli import DEFAULT_SOURCES, sources_argument
 from feature_pipeline.connectors.cdc.mongo import PyMongoWarehouse
 from feature_pipeline.connectors.qdrant.store import FeatureStore, sync_states_of
 from feature_pipeline.connectors.warehouse import MongoWarehouse, PostgresWarehouse, WarehouseReader
@@ -18,16 +18,8 @@ from feature_pipeline.domain.changes import document_point_id
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, get_settings
 
-DEFAULT_TABLES = ",".join(t.value for t in DataType)
 #: Exit status when the audit found differences (0: none; 1 and 2: errors).
 EXIT_DRIFT = 3
-
-
-def _tables(spec: str) -> dict[str, DataType]:
-    try:
-        return parse_sources(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -45,9 +37,9 @@ def add_audit_parser(subparsers: Any) -> argparse.ArgumentParser:
     audit.add_argument("--schema", default="public", help="schema of the PostgreSQL tables")
     audit.add_argument(
         "--tables",
-        type=_tables,
-        default=DEFAULT_TABLES,
-        help=f"type[=table or collection],... (default: {DEFAULT_TABLES})",
+        type=sources_argument,
+        default=DEFAULT_SOURCES,
+        help=f"type[=table or collection],... (default: {DEFAULT_SOURCES})",
     )
     audit.add_argument("--json", action="store_true", help="each difference as a JSON line")
     audit.add_argument(

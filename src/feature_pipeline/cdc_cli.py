@@ -28,7 +28,8 @@ DEFAULT_SOURCES = ",".join(t.value for t in DataType)
 EXIT_FATAL = 2
 
 
-def _sources(spec: str) -> dict[str, DataType]:
+def sources_argument(spec: str) -> dict[str, DataType]:
+    """argparse type of a `type[=name],...` list of tables or collections."""
     try:
         return parse_sources(spec)
     except ValueError as exc:
@@ -51,7 +52,7 @@ def add_cdc_parser(subparsers: Any) -> argparse.ArgumentParser:
     mongo.add_argument("--db", required=True, help="the warehouse database")
     mongo.add_argument(
         "--collections",
-        type=_sources,
+        type=sources_argument,
         default=DEFAULT_SOURCES,
         help=f"{shapes} collection (default: {DEFAULT_SOURCES})",
     )
@@ -70,7 +71,7 @@ def add_cdc_parser(subparsers: Any) -> argparse.ArgumentParser:
     postgres.add_argument("--dsn", required=True, help="e.g. postgresql://user@host:5432/db")
     postgres.add_argument(
         "--tables",
-        type=_sources,
+        type=sources_argument,
         default=DEFAULT_SOURCES,
         help=f"{shapes} table (default: {DEFAULT_SOURCES}); "
         "each is (id text primary key, document jsonb not null)",
