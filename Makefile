@@ -56,4 +56,4 @@ bench-store: install
 	$(BIN)/python bench/store.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) data/qdrant data/dead_letters.jsonl
+	rm -rf $(VENV) data/qdrant data/dead_letters.jsonl data/dead_letters

@@ -33,11 +33,14 @@ def test_backfill_then_search(settings: Settings, tmp_path: Path) -> None:
     source = tmp_path / "posts.jsonl"
     source.write_text("\n".join([*posts, "{broken", ""]))
     dead = tmp_path / "dead.jsonl"
+    dead.write_text('{"earlier": "run"}\n')  # a named file is appended to
     done = cli(settings, "backfill", str(source), "--dead-letters", str(dead), "--no-progress")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     assert "5 applied" in done.stdout and "1 rejected" in done.stdout
-    assert [json.loads(line)["error_type"] for line in dead.read_text().splitlines()] == [
-        "invalid_event"
+    assert f"1 lines rejected ({source}:6); their reasons are in {dead}" in done.stderr
+    assert [json.loads(line).get("error_type") for line in dead.read_text().splitlines()] == [
+        None,
+        "invalid_event",
     ]
 
     counts = cli(settings, "counts")

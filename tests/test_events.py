@@ -45,7 +45,9 @@ def test_delete_needs_no_document() -> None:
     ("body", "fragment"),
     [
         (b"{not json", "not valid JSON"),
-        (b"\xff\xfe", "not valid JSON"),
+        (b"\xff\xfe", "body is not UTF-8 at byte 0 \\(0xff\\)"),
+        (b'{"type": "posts", "entry_id": "\xe9"}', "body is not UTF-8 at byte 31 \\(0xe9\\)"),
+        (b'{"type": "posts",\x00 "entry_id": "x"}\n', "body has a NUL byte at byte 17"),
         (b"[1, 2]", "must be a JSON object"),
         (b'{"type": "tweets", "entry_id": "x"}', "type"),
         (b'{"type": "posts"}', "entry_id"),

@@ -84,6 +84,8 @@ def _close_stores() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; `cdc` is there when its extras are installed."""
+    from feature_pipeline.connectors.files import DEAD_LETTER_FOLDER
+
     parser = argparse.ArgumentParser(
         prog="feature-pipeline",
         description="Streaming feature pipeline: warehouse change events -> Qdrant features.",
@@ -105,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--dead-letters",
         type=Path,
-        default=Path("data/dead_letters.jsonl"),
-        help="where rejected lines go (default: %(default)s)",
+        default=DEAD_LETTER_FOLDER,
+        help="where rejected lines go: a folder gets a new file per run, "
+        "backfill-<UTC yyyymmddThhmmssZ>.jsonl, created only if a line is rejected; "
+        "any other path is that file, appended to",
     )
     backfill.add_argument("-w", "--workers", type=int, default=1)
     backfill.add_argument("--no-progress", action="store_true")
@@ -311,7 +315,13 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from bytewax.run import cli_main
     from tqdm import tqdm
 
-    from feature_pipeline.connectors.files import DeadLetterFileSink, JsonLinesSource, count_lines
+    from feature_pipeline.connectors.files import (
+        DEAD_LETTER_FOLDER,
+        DeadLetterFileSink,
+        JsonLinesSource,
+        count_lines,
+        dead_letter_file_for_run,
+    )
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
     from feature_pipeline.connectors.qdrant.store import FeatureStore
     from feature_pipeline.dataflow import build_dataflow
@@ -332,11 +342,15 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         with bar_lock:
             bar.update(n)
 
+    dead_letters = args.dead_letters
+    if dead_letters == DEAD_LETTER_FOLDER or dead_letters.is_dir():
+        dead_letters = dead_letter_file_for_run(dead_letters)
+    rejected = DeadLetterFileSink(dead_letters, on_written=advance)
     flow = build_dataflow(
         settings,
         source,
         FeatureStoreSink(settings, partitions=args.workers, on_written=advance),
-        DeadLetterFileSink(args.dead_letters, on_written=advance),
+        rejected,
         name="backfill",
     )
     started = time.perf_counter()
@@ -347,11 +361,26 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     print(
         f"indexed {total} lines in {elapsed:.1f}s: {done['events_applied']} applied, "
         f"{done['events_stale']} already up to date, {done['chunks_embedded']} chunks embedded, "
-        f"{done['chunks_reused']} reused, {done['dead_letters']} rejected"
-        + (f" (see {args.dead_letters})" if done["dead_letters"] else "")
+        f"{done['chunks_reused']} reused, {len(rejected.rejected)} rejected"
     )
     _print_counts(FeatureStore.open(settings).counts())
-    return 0
+    if not rejected.rejected:
+        return 0
+    # Exit 1 so that a script or CI notices; the lines and their reasons are in the file.
+    shown = ", ".join(rejected.rejected[:REJECTED_SHOWN])
+    more = len(rejected.rejected) - REJECTED_SHOWN
+    print(
+        f"error: {len(rejected.rejected)} lines rejected ({shown}"
+        + (f" and {more} more" if more > 0 else "")
+        + f"); their reasons are in {rejected.path} "
+        f"(`feature-pipeline dlq list --file {rejected.path}`)",
+        file=sys.stderr,
+    )
+    return EXIT_ERROR
+
+
+#: Rejected lines (file:line) named in backfill's closing message; the rest are in the file.
+REJECTED_SHOWN = 10
 
 
 # -- publish --------------------------------------------------------------------------------

@@ -21,6 +21,18 @@ from feature_pipeline.settings import get_settings
 #: Characters of a reason shown in the table; `--json` prints it whole.
 REASON_WIDTH = 100
 
+FILE_HELP = (
+    "a backfill's dead-letter file instead of the queue; a folder (e.g. data/dead_letters) "
+    "means its newest backfill-*.jsonl"
+)
+
+
+def _dead_letter_file(path: Path) -> Path:
+    """`--file`: the file itself, or a folder's newest backfill dead-letter file."""
+    from feature_pipeline.connectors.files import newest_dead_letter_file
+
+    return newest_dead_letter_file(path) if path.is_dir() else path
+
 
 def add_dlq_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `dlq list` and `dlq replay` to an argparse subparsers object."""
@@ -34,7 +46,7 @@ def add_dlq_parser(subparsers: Any) -> argparse.ArgumentParser:
     listing = actions.add_parser("list", help="show dead letters, oldest first, without consuming")
     listing.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
-    listing.add_argument("--file", type=Path, help="a backfill's dead-letter file instead")
+    listing.add_argument("--file", type=Path, help=FILE_HELP)
     listing.set_defaults(func=_cmd_list)
 
     replay = actions.add_parser(
@@ -47,7 +59,7 @@ def add_dlq_parser(subparsers: Any) -> argparse.ArgumentParser:
     replay.add_argument("--error-type", help="only dead letters of this error type")
     replay.add_argument("--entry-id", help="only dead letters of this document")
     replay.add_argument("--all", action="store_true", help="every dead letter")
-    replay.add_argument("--file", type=Path, help="a backfill's dead-letter file instead")
+    replay.add_argument("--file", type=Path, help=FILE_HELP)
     replay.set_defaults(func=_cmd_replay)
     return dlq
 
@@ -56,12 +68,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     if args.file is not None:
+        path = _dead_letter_file(args.file)
         records = []
-        for _, record in read_dead_letter_file(args.file):
+        for _, record in read_dead_letter_file(path):
             if len(records) == args.limit:
                 break
             records.append(record)
-        where, total = str(args.file), None
+        where, total = str(path), None
     else:
         with DeadLetterQueue(get_settings()) as queue:
             total = queue.depth()
@@ -127,8 +140,9 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     report: ReplayReport
     with EventPublisher(settings) as publisher:
         if args.file is not None:
-            report = replay_dead_letter_file(args.file, selection, publisher)
-            where = str(args.file)
+            path = _dead_letter_file(args.file)
+            report = replay_dead_letter_file(path, selection, publisher)
+            where = str(path)
         else:
             with DeadLetterQueue(settings) as queue:
                 report = queue.replay(selection, publisher)

@@ -8,15 +8,19 @@ file's data type.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from feature_pipeline.domain.changes import DeadLetter, InboundMessage
+from feature_pipeline.domain.events import InvalidEvent, decode_body
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.status import recent_dead_letters
@@ -31,14 +35,18 @@ def infer_type(path: Path) -> DataType | None:
         return None
 
 
-def line_to_body(line: str, data_type: DataType | None) -> bytes:
-    """An event line passes as is; a document line becomes the course's upsert message."""
+def line_to_body(line: bytes | str, data_type: DataType | None) -> bytes:
+    """An event line passes as is; a document line becomes the course's upsert message.
+
+    A line that is not UTF-8 JSON passes unchanged too: processing dead-letters it with the reason.
+    """
+    raw = line if isinstance(line, bytes) else line.encode()
     try:
-        data = json.loads(line)
-    except json.JSONDecodeError:
-        return line.encode()  # the processing step dead-letters it with the parse error
+        data = json.loads(decode_body(raw))
+    except (InvalidEvent, json.JSONDecodeError):
+        return raw
     if not isinstance(data, dict) or "entry_id" in data or "_id" not in data or data_type is None:
-        return line.encode()
+        return raw
     document = {k: v for k, v in data.items() if k != "_id"}
     return json.dumps({**document, "type": data_type.value, "entry_id": str(data["_id"])}).encode()
 
@@ -56,7 +64,8 @@ class _FilePartition(StatefulSourcePartition[InboundMessage, int]):
         self._path = path
         self._type = data_type
         self._batch_size = batch_size
-        self._file = path.open(encoding="utf-8")
+        # Bytes, not text: a line that is not UTF-8 is one dead letter, not the end of the file.
+        self._file = path.open("rb")
         self._line_no = 0
         for _ in range(start):
             self._file.readline()
@@ -109,15 +118,79 @@ class JsonLinesSource(FixedPartitionedSource[InboundMessage, int]):
         )
 
 
+#: Where a backfill's dead-letter files go: one file per run that rejected anything.
+DEAD_LETTER_FOLDER = Path("data/dead_letters")
+
+
+def dead_letter_file_for_run(folder: Path, now: datetime | None = None) -> Path:
+    """`folder/backfill-<UTC yyyymmddThhmmssZ>.jsonl`, with `-2`, `-3`... if that name is taken."""
+    stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"backfill-{stamp}.jsonl"
+    suffix = 2
+    while path.exists():
+        path = folder / f"backfill-{stamp}-{suffix}.jsonl"
+        suffix += 1
+    return path
+
+
+def newest_dead_letter_file(folder: Path) -> Path:
+    """The most recent backfill dead-letter file in `folder`, by the start time in its name."""
+    runs = {}
+    for path in folder.glob("backfill-*.jsonl"):
+        match = _RUN_FILE.fullmatch(path.name)
+        if match:
+            runs[(match["stamp"], int(match["n"] or 1))] = path
+    if not runs:
+        raise FileNotFoundError(f"no backfill dead-letter file (backfill-*.jsonl) in {folder}")
+    return runs[max(runs)]
+
+
+_RUN_FILE = re.compile(r"backfill-(?P<stamp>\d{8}T\d{6}Z)(?:-(?P<n>\d+))?\.jsonl")
+
+
 class _DeadLetterFilePartition(StatefulSinkPartition[DeadLetter, None]):
-    def __init__(self, path: Path, on_written: Callable[[int], None] | None) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("a", encoding="utf-8")
-        self._on_written = on_written
-        self._lock = threading.Lock()
+    def __init__(self, sink: DeadLetterFileSink) -> None:
+        self._sink = sink
 
     def write_batch(self, items: list[DeadLetter]) -> None:
+        self._sink.write(items)
+
+    def snapshot(self) -> None:
+        return None
+
+    def close(self) -> None:
+        self._sink.close()
+
+
+class DeadLetterFileSink(FixedPartitionedSink[DeadLetter, None]):
+    """Appends dead letters as JSON Lines (for backfills, which run without a broker).
+
+    The file is created with the first dead letter only; `rejected` lists the source (file:line)
+    of each, in the order written.
+    """
+
+    def __init__(self, path: Path, on_written: Callable[[int], None] | None = None) -> None:
+        self.path = path
+        self.rejected: list[str] = []
+        self._on_written = on_written
+        self._file: IO[str] | None = None
+        self._lock = threading.Lock()
+
+    def list_parts(self) -> list[str]:
+        return ["dead-letters"]
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> _DeadLetterFilePartition:
+        return _DeadLetterFilePartition(self)
+
+    def write(self, items: list[DeadLetter]) -> None:
+        if not items:
+            return
         with self._lock:
+            if self._file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = self.path.open("a", encoding="utf-8")
             for item in items:
                 record = {
                     "source": item.source,
@@ -127,30 +200,15 @@ class _DeadLetterFilePartition(StatefulSinkPartition[DeadLetter, None]):
                     "dead_lettered_at": int(time.time()),
                 }
                 self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+                self.rejected.append(item.source)
             self._file.flush()
         metrics.add("dead_letters", len(items))
         recent_dead_letters.add(items)
         if self._on_written is not None:
             self._on_written(len(items))
 
-    def snapshot(self) -> None:
-        return None
-
     def close(self) -> None:
-        self._file.close()
-
-
-class DeadLetterFileSink(FixedPartitionedSink[DeadLetter, None]):
-    """Appends dead letters as JSON Lines (for backfills, which run without a broker)."""
-
-    def __init__(self, path: Path, on_written: Callable[[int], None] | None = None) -> None:
-        self._path = path
-        self._on_written = on_written
-
-    def list_parts(self) -> list[str]:
-        return ["dead-letters"]
-
-    def build_part(
-        self, step_id: str, for_part: str, resume_state: None
-    ) -> _DeadLetterFilePartition:
-        return _DeadLetterFilePartition(self._path, self._on_written)
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None

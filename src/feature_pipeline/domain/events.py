@@ -62,8 +62,8 @@ ENVELOPE_KEYS = frozenset({"op", "type", "entry_id", "document", "ts"})
 def parse_event(body: bytes | str) -> ChangeEvent:
     """Parse a message body in either accepted shape; raise `InvalidEvent` saying what is wrong."""
     try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(decode_body(body))
+    except json.JSONDecodeError as exc:
         raise InvalidEvent(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidEvent(f"body must be a JSON object, got {type(data).__name__}")
@@ -84,6 +84,25 @@ def parse_event(body: bytes | str) -> ChangeEvent:
         return ChangeEvent.model_validate(fields)
     except ValidationError as exc:
         raise InvalidEvent(describe_validation_error(exc)) from None
+
+
+def decode_body(body: bytes | str) -> str:
+    """A body's text, strictly UTF-8, or `InvalidEvent` saying which byte is wrong.
+
+    Decoded here rather than by `json.loads`, which guesses UTF-16 or UTF-32 from NUL bytes and
+    then reports that codec's error instead of the real problem.
+    """
+    if isinstance(body, str):
+        return body
+    nul = body.find(b"\x00")
+    if nul >= 0:
+        raise InvalidEvent(f"body has a NUL byte at byte {nul}: not JSON text")
+    try:
+        return body.decode("utf-8-sig")  # a leading BOM is not an error (json.loads allows it)
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent(
+            f"body is not UTF-8 at byte {exc.start} (0x{body[exc.start]:02x})"
+        ) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
