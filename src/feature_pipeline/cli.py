@@ -20,6 +20,8 @@ from feature_pipeline.redaction import redact
 from feature_pipeline.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:  # torch and the models load only for the commands that need them
+    from bytewax.dataflow import Dataflow
+
     from feature_pipeline.processing.embedding import EmbedderFactory
 
 log = logging.getLogger("feature_pipeline")
@@ -215,6 +217,45 @@ def serve(
     configured models (an `EmbedderFactory`; the benchmark's ceiling pass gives a stand-in)."""
     from bytewax.run import cli_main
 
+    flow, signals = prepare_service(
+        settings,
+        workers=workers,
+        processes=len(addresses) if addresses else 1,
+        query_server=query_server,
+        embedders=embedders,
+    )
+    try:
+        cli_main(
+            flow,
+            workers_per_process=workers,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
+        )
+    except Exception as exc:
+        # A stop during a store or dead-letter write that was being retried ends that write
+        # (RetryInterrupted): leave without acknowledging its epoch, which is redelivered.
+        if signals.received is None:
+            raise
+        log.warning(
+            "stopped before the epoch in flight was written (%s); its messages will be redelivered",
+            redact(describe_error(exc)).splitlines()[0][:300],
+        )
+        return 128 + signals.received
+    log.info("stopped")
+    return 0
+
+
+def prepare_service(
+    settings: Settings,
+    *,
+    workers: int = 1,
+    processes: int = 1,
+    query_server: bool = True,
+    embedders: EmbedderFactory | None = None,
+) -> tuple[Dataflow, _SignalState]:
+    """Everything `run` does before consuming: start-up checks, signal handlers, the status page
+    and query service, the models; the dataflow to run (`run`, and `feature_pipeline.flow`)."""
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
     from feature_pipeline.connectors.qdrant.store import FeatureStore
     from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
@@ -227,7 +268,6 @@ def serve(
     from feature_pipeline.status import StatusReader, readiness, start_progress_log
 
     embedders = embedders or embedder_for
-    processes = len(addresses) if addresses else 1
     if processes > 1 and not settings.qdrant_url:
         raise ValueError(
             "several processes cannot share the embedded store (QDRANT_PATH): "
@@ -256,26 +296,7 @@ def serve(
     )
     log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, workers, processes)
     signals.consuming = True
-    try:
-        cli_main(
-            flow,
-            workers_per_process=workers,
-            process_id=process_id,
-            addresses=addresses,
-            epoch_interval=timedelta(milliseconds=settings.epoch_interval_ms),
-        )
-    except Exception as exc:
-        # A stop during a store or dead-letter write that was being retried ends that write
-        # (RetryInterrupted): leave without acknowledging its epoch, which is redelivered.
-        if signals.received is None:
-            raise
-        log.warning(
-            "stopped before the epoch in flight was written (%s); its messages will be redelivered",
-            redact(describe_error(exc)).splitlines()[0][:300],
-        )
-        return 128 + signals.received
-    log.info("stopped")
-    return 0
+    return flow, signals
 
 
 class _SignalState:
