@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     # Services log their progress; one-shot queries print only their answer (and warnings).
     quiet = args.command in ("search", "counts", "points")
     configure_logging(settings.log_level or ("WARNING" if quiet else "INFO"), settings.log_format)
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     try:
         status = int(args.func(args) or 0)
     except SettingsError as exc:

@@ -12,6 +12,7 @@ and `BYTEWAX_ADDRESSES`, if set, size the store writers as `run -w`/`-a` would.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 
 from feature_pipeline.cli import EXIT_CONFIG, EXIT_ERROR, _exit_now, _fail, prepare_service
@@ -30,6 +31,8 @@ def _positive_env_int(name: str) -> int:
 try:
     _settings = get_settings()
     configure_logging(_settings.log_level or "INFO", _settings.log_format)
+    for _warning in _settings.warnings:
+        logging.getLogger("feature_pipeline").warning("%s", _warning)
     _addresses = os.environ.get("BYTEWAX_ADDRESSES", "")
     flow, _signals = prepare_service(
         _settings,

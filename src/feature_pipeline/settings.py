@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from feature_pipeline.domain.types import DataType
@@ -91,6 +91,27 @@ class Settings(BaseSettings):
     # Logging. Unset LOG_LEVEL means INFO for services, WARNING for one-shot queries.
     log_level: str | None = None
     log_format: Literal["text", "json"] = "text"
+
+    # The LLM Twin course's names (its `.env`), mapped onto ours by `load_settings` where ours
+    # are not set (COURSE_NAMES says onto which).
+    rabbitmq_host: str | None = None
+    rabbitmq_port: int | None = Field(default=None, ge=1, le=65_535)
+    rabbitmq_default_username: str | None = None
+    rabbitmq_default_password: str | None = None
+    rabbitmq_queue_name: str | None = None
+    qdrant_database_host: str | None = None
+    qdrant_database_port: int | None = Field(default=None, ge=1, le=65_535)
+    use_qdrant_cloud: bool = False
+    qdrant_cloud_url: str | None = None
+    qdrant_apikey: str | None = None
+    embedding_model_id: str | None = None
+
+    #: What `load_settings` has to say about the course's names (logged once logging is set up).
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self._warnings
 
     def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
         # repr(settings) lands in logs and tracebacks: never with a password or an API key.
@@ -189,14 +210,96 @@ def _check_host_and_port(url: str) -> None:
         raise ValueError("has an invalid port") from None
 
 
+#: The course's variables, by the variable of ours they stand for.
+COURSE_NAMES: dict[str, tuple[str, ...]] = {
+    "RABBITMQ_URL": (
+        "RABBITMQ_HOST",
+        "RABBITMQ_PORT",
+        "RABBITMQ_DEFAULT_USERNAME",
+        "RABBITMQ_DEFAULT_PASSWORD",
+    ),
+    "RABBITMQ_QUEUE": ("RABBITMQ_QUEUE_NAME",),
+    "QDRANT_URL": (
+        "QDRANT_DATABASE_HOST",
+        "QDRANT_DATABASE_PORT",
+        "USE_QDRANT_CLOUD",
+        "QDRANT_CLOUD_URL",
+    ),
+    "QDRANT_API_KEY": ("QDRANT_APIKEY",),
+    "MODEL_POSTS": ("EMBEDDING_MODEL_ID",),
+    "MODEL_ARTICLES": ("EMBEDDING_MODEL_ID",),
+    "MODEL_REPOSITORIES": ("EMBEDDING_MODEL_ID",),
+}
+
+
+def _course_values(settings: Settings) -> dict[str, Any]:
+    """Our settings as the course's variables that are set say (ours unset or not)."""
+    given = {name for names in COURSE_NAMES.values() for name in names}
+    given = {name for name in given if name.lower() in settings.model_fields_set}
+    values: dict[str, Any] = {}
+    if given & set(COURSE_NAMES["RABBITMQ_URL"]):
+        user = quote(settings.rabbitmq_default_username or "guest", safe="")
+        password = quote(settings.rabbitmq_default_password or "guest", safe="")
+        host = settings.rabbitmq_host or "localhost"
+        values["rabbitmq_url"] = (
+            f"amqp://{user}:{password}@{host}:{settings.rabbitmq_port or 5672}/"
+        )
+    if settings.rabbitmq_queue_name:
+        values["rabbitmq_queue"] = settings.rabbitmq_queue_name
+    if settings.use_qdrant_cloud:
+        if not settings.qdrant_cloud_url:
+            raise SettingsError("USE_QDRANT_CLOUD is true but QDRANT_CLOUD_URL is not set")
+        values["qdrant_url"] = settings.qdrant_cloud_url
+    elif given & {"QDRANT_DATABASE_HOST", "QDRANT_DATABASE_PORT"}:
+        host = settings.qdrant_database_host or "localhost"
+        values["qdrant_url"] = f"http://{host}:{settings.qdrant_database_port or 6333}"
+    if settings.qdrant_apikey:
+        values["qdrant_api_key"] = settings.qdrant_apikey
+    model = settings.embedding_model_id
+    if model:
+        if model != DEFAULT_MODEL and not Path(model).is_dir():
+            raise SettingsError(
+                f"EMBEDDING_MODEL_ID={model} is neither {DEFAULT_MODEL} (packaged) nor a local "
+                "folder, and models are never downloaded here: set MODEL_POSTS, MODEL_ARTICLES "
+                "and MODEL_REPOSITORIES to local sentence-transformers folders, or unset it"
+            )
+        values |= {"model_posts": model, "model_articles": model, "model_repositories": model}
+    return values
+
+
 def load_settings(**overrides: object) -> Settings:
     """Read the settings, turning pydantic's report into one message naming each bad variable.
+
+    The course's variables stand in for ours that are not set; where both are set, ours win and
+    `settings.warnings` says so.
+    """
+    settings = _validated(overrides)
+    mapped = _course_values(settings)
+    ours_set = settings.model_fields_set
+    warnings = []
+    for name, value in mapped.items():
+        if name in ours_set and getattr(settings, name) != value:
+            theirs = [n for n in COURSE_NAMES[name.upper()] if n.lower() in ours_set]
+            warnings.append(
+                f"{name.upper()} and the course's {', '.join(theirs)} are both set: using "
+                f"{name.upper()}={redact_value(name, getattr(settings, name))}, not "
+                f"{redact_value(name, value)}"
+            )
+    adopted = {name: value for name, value in mapped.items() if name not in ours_set}
+    if adopted:
+        settings = _validated(overrides | adopted, adopted=set(adopted))
+    settings._warnings = tuple(warnings)
+    return settings
+
+
+def _validated(values: dict[str, object], adopted: Collection[str] = ()) -> Settings:
+    """`Settings(**values)`, or one `SettingsError` naming each bad variable.
 
     Only the bad variable's own value is shown, masked if secret: a cross-field error's input is
     every setting (passwords and API keys included), so it is never echoed.
     """
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**values)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
@@ -204,6 +307,8 @@ def load_settings(**overrides: object) -> Settings:
             message = error["msg"].removeprefix("Value error, ")
             if field:
                 got = redact_value(field, error.get("input"))
+                if field in adopted:
+                    got += f", from the course's {', '.join(COURSE_NAMES[field.upper()])}"
                 problems.append(f"{field.upper()}: {message} (got {got})")
             else:  # a cross-field check: its message names the variables
                 problems.append(message)
