@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from feature_pipeline.connectors.retry import describe_error, stop_requested
 from feature_pipeline.logs import configure_logging
 from feature_pipeline.redaction import redact
-from feature_pipeline.settings import Settings, SettingsError, get_settings
+from feature_pipeline.settings import Settings, SettingsError, environment_help, get_settings
 
 if TYPE_CHECKING:  # torch and the models load only for the commands that need them
     from bytewax.dataflow import Dataflow
@@ -93,7 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="feature-pipeline",
         description="Streaming feature pipeline: warehouse change events -> Qdrant features.",
+        formatter_class=HelpFormatter,
+        epilog="Settings come from the environment (or .env): each command's --help lists the "
+        "variables it reads, with their defaults.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="consume the queue and keep Qdrant in sync (24/7)")
@@ -106,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
 
     backfill = sub.add_parser("backfill", help="index JSON Lines files of documents or events")
-    backfill.add_argument("files", nargs="+", type=Path)
+    backfill.add_argument("files", nargs="+", type=Path, help="JSON Lines files")
     backfill.add_argument("--type", choices=_type_names(), help="data type of document lines")
     backfill.add_argument(
         "--dead-letters",
@@ -116,15 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
         "backfill-<UTC yyyymmddThhmmssZ>.jsonl, created only if a line is rejected; "
         "any other path is that file, appended to",
     )
-    backfill.add_argument("-w", "--workers", type=int, default=1)
-    backfill.add_argument("--no-progress", action="store_true")
+    backfill.add_argument("-w", "--workers", type=int, default=1, help="worker threads")
+    backfill.add_argument("--no-progress", action="store_true", help="no progress bar")
     backfill.set_defaults(func=_cmd_backfill)
 
     publish = sub.add_parser("publish", help="publish warehouse documents to the queue as events")
-    publish.add_argument("file", type=Path)
+    publish.add_argument("file", type=Path, help="a JSON Lines file of warehouse documents")
     publish.add_argument("--type", choices=_type_names(), help="default: from the file name")
     publish.add_argument(
-        "--op", choices=["insert", "update", "replace", "delete"], default="insert"
+        "--op",
+        choices=["insert", "update", "replace", "delete"],
+        default="insert",
+        help="the change each document makes",
     )
     publish.add_argument(
         "--course-shape",
@@ -134,9 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.set_defaults(func=_cmd_publish)
 
     search = sub.add_parser("search", help="semantic search over the embedded chunks")
-    search.add_argument("text")
-    search.add_argument("--type", choices=_type_names(), default="posts")
-    search.add_argument("-k", type=int, default=5)
+    search.add_argument("text", help="what to search for")
+    search.add_argument("--type", choices=_type_names(), default="posts", help="data type")
+    search.add_argument("-k", type=int, default=5, help="number of hits")
     search.add_argument("--json", action="store_true", help="print hits as JSON")
     search.set_defaults(func=_cmd_search)
 
@@ -144,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     counts.set_defaults(func=_cmd_counts)
 
     points = sub.add_parser("points", help="print a collection's points as JSON lines")
-    points.add_argument("collection")
+    points.add_argument("collection", help="e.g. cleaned_posts, vector_articles")
     points.add_argument("--entry-id", help="only this document's points")
     points.add_argument("--type", choices=_type_names(), help="only points of this data type")
     points.add_argument("--with-vectors", action="store_true", help="include each vector")
@@ -154,16 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser(
         "export", help="write one type's cleaned documents to a file (a fine-tuning data set)"
     )
-    export.add_argument("--type", choices=_type_names(), required=True)
+    export.add_argument("--type", choices=_type_names(), required=True, help="data type")
     export.add_argument("--since", type=int, help="only documents whose version (ts) is >= this")
     export.add_argument(
         "--author", help="only this author's documents (author_id; owner_id for repositories)"
     )
-    export.add_argument("--format", choices=["jsonl", "parquet"], default="jsonl")
     export.add_argument(
-        "--page-size", type=int, default=500, help="documents read at a time (default %(default)s)"
+        "--format", choices=["jsonl", "parquet"], default="jsonl", help="file format"
     )
-    export.add_argument("-o", "--output", type=Path, required=True)
+    export.add_argument("--page-size", type=int, default=500, help="documents read at a time")
+    export.add_argument("-o", "--output", type=Path, required=True, help="file to write")
     export.set_defaults(func=_cmd_export)
 
     from feature_pipeline.dlq_cli import add_dlq_parser
@@ -183,7 +190,53 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_cdc_parser(sub)
+    for name, command in sub.choices.items():
+        _describe_settings(command, environment_help(COMMAND_SETTINGS[name]))
     return parser
+
+
+#: The settings groups (settings.SETTING_GROUPS) each command reads, for its `--help`.
+COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "run": ("broker", "store", "models", "dataflow", "service", "logging"),
+    "backfill": ("store", "models", "dataflow", "logging"),
+    "publish": ("broker", "logging"),
+    "search": ("store", "models", "service", "logging"),
+    "counts": ("store", "service", "logging"),
+    "points": ("store", "service", "logging"),
+    "export": ("store", "service", "logging"),
+    "audit": ("broker", "store", "models", "service", "logging"),
+    "dlq": ("broker", "logging"),
+    "cdc": ("broker", "logging"),
+}
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Options with their defaults (where there is one to say); epilogs kept as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _describe_settings(parser: argparse.ArgumentParser, epilog: str) -> None:
+    """Defaults in the help of a command and of its own subcommands (dlq list, cdc postgres...),
+    and the environment variables it reads as the epilog."""
+    parser.formatter_class = HelpFormatter
+    parser.epilog = f"{parser.epilog}\n\n{epilog}" if parser.epilog else epilog
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _describe_settings(child, epilog)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("feature-pipeline")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
 
 
 def _type_names() -> list[str]:

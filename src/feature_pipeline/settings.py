@@ -43,9 +43,7 @@ class Settings(BaseSettings):
     # Broker
     rabbitmq_url: str = "amqp://guest:guest@localhost:5672/"
     rabbitmq_queue: str = "default"
-    rabbitmq_dlq: str | None = Field(
-        default=None, description="Dead-letter queue; defaults to '<RABBITMQ_QUEUE>.dlq'."
-    )
+    rabbitmq_dlq: str | None = Field(default=None, description="<RABBITMQ_QUEUE>.dlq")
     rabbitmq_shards: int = Field(default=4, ge=0, le=256)
     rabbitmq_prefetch: int = Field(default=10_000, ge=1, le=65_535)
     rabbitmq_heartbeat_s: int = Field(default=600, ge=0)
@@ -65,7 +63,13 @@ class Settings(BaseSettings):
     embedding_device: str = "auto"
     embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|fp16|bf16)$")
     #: Unset: the device's default (DEFAULT_EMBEDDING_BATCH_SIZES).
-    embedding_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    embedding_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="the device's default: "
+        + ", ".join(f"{device} {size}" for device, size in DEFAULT_EMBEDDING_BATCH_SIZES.items()),
+    )
     #: Processes that parse, clean and chunk (0: the Bytewax worker itself). Worth it where cores
     #: are spare, e.g. beside a GPU; on a CPU the model wants every core.
     processing_processes: int = Field(default=0, ge=0, le=256)
@@ -89,7 +93,7 @@ class Settings(BaseSettings):
     progress_log_s: float = Field(default=30, ge=0)
 
     # Logging. Unset LOG_LEVEL means INFO for services, WARNING for one-shot queries.
-    log_level: str | None = None
+    log_level: str | None = Field(default=None, description="INFO; WARNING for one-shot queries")
     log_format: Literal["text", "json"] = "text"
 
     # The LLM Twin course's names (its `.env`), mapped onto ours by `load_settings` where ours
@@ -313,6 +317,46 @@ def _validated(values: dict[str, object], adopted: Collection[str] = ()) -> Sett
             else:  # a cross-field check: its message names the variables
                 problems.append(message)
         raise SettingsError("invalid configuration: " + "; ".join(problems)) from None
+
+
+#: Every setting by what it configures (name prefixes or whole names); a command's `--help`
+#: lists the variables of the groups it reads (cli.COMMAND_SETTINGS).
+SETTING_GROUPS: dict[str, tuple[str, ...]] = {
+    "broker": ("rabbitmq_",),
+    "store": ("qdrant_", "use_qdrant_cloud"),
+    "models": ("model_", "embedding_", "chunk_", "processing_processes", "max_"),
+    "dataflow": ("batch_", "epoch_interval_ms"),
+    "service": ("query_", "progress_log_s"),
+    "logging": ("log_",),
+}
+
+
+def settings_of(group: str) -> list[str]:
+    """The field names of one group, in the model's order."""
+    prefixes = SETTING_GROUPS[group]
+    return [name for name in Settings.model_fields if name.startswith(prefixes)]
+
+
+def environment_help(groups: Iterable[str]) -> str:
+    """The variables of these groups with their defaults, as a `--help` epilog."""
+    course_name_of: dict[str, list[str]] = {}
+    for ours, names in COURSE_NAMES.items():
+        for theirs in names:
+            course_name_of.setdefault(theirs, []).append(ours)
+    lines = ["environment (or .env), with defaults:"]
+    for group in groups:
+        for name in settings_of(group):
+            variable = name.upper()
+            field = Settings.model_fields[name]
+            default = field.default
+            if variable in course_name_of:
+                shown = f"the course's name: for {', '.join(course_name_of[variable])} if unset"
+            elif default is None:
+                shown = f"unset: {field.description}" if field.description else "unset"
+            else:
+                shown = str(default).lower() if isinstance(default, bool) else str(default)
+            lines.append(f"  {variable:<27} {shown}")
+    return "\n".join(lines)
 
 
 @lru_cache(maxsize=1)
