@@ -1,6 +1,13 @@
 #!/usr/bin/env bash
 # Make the local PostgreSQL ready for the CDC service (built-in pgoutput plugin): installed,
-# wal_level=logical, running and accepting connections. Idempotent: restarts only on change.
+# wal_level=logical, running and accepting connections. Idempotent.
+#
+# Read before running it on a machine of yours:
+# - it RESTARTS PostgreSQL (every connection dropped) when wal_level or max_replication_slots
+#   must change (ALTER SYSTEM, then pg_ctlcluster restart), and starts it if it is down;
+# - it runs as root (apt-get, su postgres) and configures no authentication: the tests and the
+#   README connect as postgres@127.0.0.1 without a password, which needs `trust` for
+#   127.0.0.1 in pg_hba.conf (as on the CI machines); elsewhere give the DSNs a password.
 set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
