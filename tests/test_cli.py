@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,12 @@ pytestmark = pytest.mark.slow
 
 
 def cli(
-    settings: Settings, *args: str, env: dict[str, str] | None = None
+    settings: Settings, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "feature_pipeline.cli", *args],
         env=env or settings_env(settings),
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
@@ -29,19 +31,33 @@ def cli(
 
 
 def test_backfill_then_search(settings: Settings, tmp_path: Path) -> None:
-    posts = SAMPLES.joinpath("posts.jsonl").read_text().splitlines()[:5]
+    posts = SAMPLES.joinpath("posts.jsonl").read_bytes().splitlines()[:5]
     source = tmp_path / "posts.jsonl"
-    source.write_text("\n".join([*posts, "{broken", ""]))
-    dead = tmp_path / "dead.jsonl"
-    dead.write_text('{"earlier": "run"}\n')  # a named file is appended to
-    done = cli(settings, "backfill", str(source), "--dead-letters", str(dead), "--no-progress")
-    assert done.returncode == 1, done.stderr
-    assert "5 applied" in done.stdout and "1 rejected" in done.stdout
-    assert f"1 lines rejected ({source}:6); their reasons are in {dead}" in done.stderr
-    assert [json.loads(line).get("error_type") for line in dead.read_text().splitlines()] == [
-        None,
-        "invalid_event",
+    bad = [
+        b'{"_id": "x1", "content": {"text": "caf\xe9"}}',  # Latin-1, not UTF-8
+        b'{"_id": "x2",\x00 "content": {}}',  # a NUL byte: json.loads would guess UTF-16
+        b"{broken",
     ]
+    source.write_bytes(b"\n".join([*posts[:2], *bad, *posts[2:], b""]))
+    # Rejected lines go to a file of this run's own under ./data/dead_letters, and fail the run.
+    done = cli(settings, "backfill", str(source), "--no-progress", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert "5 applied" in done.stdout and "3 rejected" in done.stdout
+    error = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1, done.stderr
+    written = list((tmp_path / "data" / "dead_letters").iterdir())
+    assert len(written) == 1 and re.fullmatch(r"backfill-\d{8}T\d{6}Z\.jsonl", written[0].name)
+    where = f"{source}:3, {source}:4, {source}:5"
+    assert (
+        f"3 lines rejected ({where}); their reasons are in {written[0].relative_to(tmp_path)}"
+        in error[0]
+    )
+    reasons = [json.loads(line)["reason"] for line in written[0].read_text().splitlines()]
+    assert reasons[0] == "body is not UTF-8 at byte 38 (0xe9)"
+    assert reasons[1] == "body has a NUL byte at byte 13: not JSON text"
+    assert reasons[2].startswith("body is not valid JSON")
+    listed = cli(settings, "dlq", "list", "--file", "data/dead_letters", "--json", cwd=tmp_path)
+    assert [json.loads(line)["reason"] for line in listed.stdout.splitlines()] == reasons
 
     counts = cli(settings, "counts")
     assert "cleaned_posts" in counts.stdout and " 5\n" in counts.stdout

@@ -401,11 +401,10 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from feature_pipeline.connectors.files import (
-        DEAD_LETTER_FOLDER,
         DeadLetterFileSink,
         JsonLinesSource,
         count_lines,
-        dead_letter_file_for_run,
+        dead_letter_path,
     )
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
     from feature_pipeline.connectors.qdrant.store import FeatureStore
@@ -427,10 +426,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
         with bar_lock:
             bar.update(n)
 
-    dead_letters = args.dead_letters
-    if dead_letters == DEAD_LETTER_FOLDER or dead_letters.is_dir():
-        dead_letters = dead_letter_file_for_run(dead_letters)
-    rejected = DeadLetterFileSink(dead_letters, on_written=advance)
+    rejected = DeadLetterFileSink(dead_letter_path(args.dead_letters), on_written=advance)
     flow = build_dataflow(
         settings,
         source,

@@ -133,6 +133,14 @@ def dead_letter_file_for_run(folder: Path, now: datetime | None = None) -> Path:
     return path
 
 
+def dead_letter_path(given: Path) -> Path:
+    """Backfill's `--dead-letters`: the default or an existing folder gets a new file for this
+    run; any other path is that file (appended to)."""
+    if given == DEAD_LETTER_FOLDER or given.is_dir():
+        return dead_letter_file_for_run(given)
+    return given
+
+
 def newest_dead_letter_file(folder: Path) -> Path:
     """The most recent backfill dead-letter file in `folder`, by the start time in its name."""
     runs = {}
