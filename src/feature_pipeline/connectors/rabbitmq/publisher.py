@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
+from pika.exceptions import (
+    AMQPConnectionError,
+    ProbableAccessDeniedError,
+    ProbableAuthenticationError,
+)
 
 from feature_pipeline.connectors.rabbitmq.topology import (
     declare_topology,
@@ -30,27 +34,64 @@ PUBLISHED_AT_HEADER = "x-published-at-us"
 MAX_REASON_CHARS = 4_000
 
 
+class BrokerRefused(AMQPConnectionError):
+    """The broker answered and refused RABBITMQ_URL's credentials or virtual host: retrying
+    helps only once someone fixes the URL or the broker's users. The message is one line, with
+    no password."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def refusal(settings: Settings, exc: AMQPConnectionError) -> BrokerRefused | None:
+    """What a failed connect means when the broker refused the login or the virtual host."""
+    params = pika.URLParameters(settings.rabbitmq_url)
+    user = getattr(params.credentials, "username", "?")
+    if isinstance(exc, ProbableAuthenticationError):
+        return BrokerRefused(f"the broker refused the credentials for user {user!r}")
+    if isinstance(exc, ProbableAccessDeniedError):
+        return BrokerRefused(
+            f"the broker refused user {user!r} access to virtual host {params.virtual_host!r}"
+        )
+    return None
+
+
 def connect(
-    settings: Settings, *, attempts: int | None = 1, stop: threading.Event | None = None
+    settings: Settings,
+    *,
+    attempts: int | None = 1,
+    stop: threading.Event | None = None,
+    on_error: Callable[[AMQPConnectionError], None] | None = None,
 ) -> BlockingConnection:
     """Open a blocking connection, retrying with backoff while the broker is down (`attempts`
-    None: until it answers or `stop` is set, which raises `RetryInterrupted`)."""
+    None: until it answers or `stop` is set, which raises `RetryInterrupted`). A refused login
+    is retried too (someone may fix the broker's users), logged as such on each attempt;
+    `on_error` hears of every failed attempt (the readiness report)."""
     params = pika.URLParameters(settings.rabbitmq_url)
     params.heartbeat = settings.rabbitmq_heartbeat_s
     params.blocked_connection_timeout = 300
+
+    def attempt() -> BlockingConnection:
+        try:
+            return pika.BlockingConnection(params)
+        except AMQPConnectionError as exc:
+            error = refusal(settings, exc) or exc
+            if on_error is not None:
+                on_error(error)
+            raise error from None
+
     try:
         return retry_with_backoff(
-            lambda: pika.BlockingConnection(params),
+            attempt,
             f"connecting to RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL)",
             retry_on=(AMQPConnectionError,),
             first_delay_s=0.5,
             attempts=attempts,
             stop=stop,
         )
-    except ProbableAuthenticationError:
-        raise AMQPConnectionError(
-            f"RabbitMQ at {redact(settings.rabbitmq_url)} refused the user name or password of "
-            "RABBITMQ_URL"
+    except BrokerRefused as exc:
+        raise BrokerRefused(
+            f"RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL): {exc}"
         ) from None
     except AMQPConnectionError as exc:
         raise AMQPConnectionError(
