@@ -39,6 +39,7 @@ COUNTERS = {
     "events_superseded": "Changes skipped because a newer change of the document was in the batch.",
     "events_stale": "Changes skipped because the store already holds a newer or equal version.",
     "dead_letters": "Messages sent to the dead-letter queue.",
+    "dead_letters_repeated": "Redelivered poison messages not dead-lettered again (sent before).",
     "chunks_embedded": "Chunks run through an embedding model.",
     "chunks_reused": "Chunks whose stored vector was kept (same text, same model).",
     "apply_seconds": "Seconds spent applying changes to the feature store, embedding included.",
@@ -180,7 +181,13 @@ class Metrics:
     def in_flight(self) -> float:
         handled = sum(
             self.get(n)
-            for n in ("events_applied", "events_superseded", "events_stale", "dead_letters")
+            for n in (
+                "events_applied",
+                "events_superseded",
+                "events_stale",
+                "dead_letters",
+                "dead_letters_repeated",
+            )
         )
         return max(0.0, self.get("events_received") - handled)
 

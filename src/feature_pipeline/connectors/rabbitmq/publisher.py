@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 #: When the message was published, in microseconds since the epoch (the pipeline's freshness).
 PUBLISHED_AT_HEADER = "x-published-at-us"
+#: Who a dead letter is: the same poison message always gets the same id (see dead_letters.py).
+DEAD_LETTER_ID_HEADER = "x-dead-letter-id"
 #: AMQP short strings cap header values; a reason longer than this is cut.
 MAX_REASON_CHARS = 4_000
 
@@ -143,15 +145,23 @@ class EventPublisher:
         )
 
     def publish_dead_letter(
-        self, body: bytes, *, reason: str, error_type: str, source_queue: str
+        self,
+        body: bytes,
+        *,
+        reason: str,
+        error_type: str,
+        source_queue: str,
+        letter_id: str | None = None,
     ) -> None:
         """Send an unprocessable message to the dead-letter queue with why, in its headers."""
-        headers = {
+        headers: dict[str, str | int] = {
             "x-error": reason[:MAX_REASON_CHARS],
             "x-error-type": error_type,
             "x-source-queue": source_queue,
             "x-dead-lettered-at": int(time.time()),
         }
+        if letter_id is not None:
+            headers[DEAD_LETTER_ID_HEADER] = letter_id
         self._channel.basic_publish(
             exchange="",
             routing_key=self._settings.dead_letter_queue,
