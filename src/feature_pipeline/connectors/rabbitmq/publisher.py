@@ -38,11 +38,15 @@ MAX_REASON_CHARS = 4_000
 
 class BrokerRefused(AMQPConnectionError):
     """The broker answered and refused RABBITMQ_URL's credentials or virtual host: retrying
-    helps only once someone fixes the URL or the broker's users. The message is one line, with
-    no password."""
+    helps only once someone fixes the URL or the broker's users. One line, with no password."""
+
+    def __init__(self, reason: str, url: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.url = redact(url)
 
     def __str__(self) -> str:
-        return str(self.args[0])
+        return f"RabbitMQ at {self.url} (RABBITMQ_URL): {self.reason}"
 
 
 def refusal(settings: Settings, exc: AMQPConnectionError) -> BrokerRefused | None:
@@ -50,12 +54,12 @@ def refusal(settings: Settings, exc: AMQPConnectionError) -> BrokerRefused | Non
     params = pika.URLParameters(settings.rabbitmq_url)
     user = getattr(params.credentials, "username", "?")
     if isinstance(exc, ProbableAuthenticationError):
-        return BrokerRefused(f"the broker refused the credentials for user {user!r}")
-    if isinstance(exc, ProbableAccessDeniedError):
-        return BrokerRefused(
-            f"the broker refused user {user!r} access to virtual host {params.virtual_host!r}"
-        )
-    return None
+        reason = f"the broker refused the credentials for user {user!r}"
+    elif isinstance(exc, ProbableAccessDeniedError):
+        reason = f"the broker refused user {user!r} access to virtual host {params.virtual_host!r}"
+    else:
+        return None
+    return BrokerRefused(reason, settings.rabbitmq_url)
 
 
 def connect(
@@ -91,10 +95,8 @@ def connect(
             attempts=attempts,
             stop=stop,
         )
-    except BrokerRefused as exc:
-        raise BrokerRefused(
-            f"RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL): {exc}"
-        ) from None
+    except BrokerRefused:
+        raise
     except AMQPConnectionError as exc:
         raise AMQPConnectionError(
             f"cannot reach RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL) after "
