@@ -73,8 +73,9 @@ class _Consumer:
         self._channel = channel
         self._max_prefetch = settings.rabbitmq_prefetch
         self._budget = settings.rabbitmq_prefetch_bytes
-        # Until sizes are known, no more than one batch is asked for at once.
-        self._prefetch = min(settings.rabbitmq_prefetch, settings.batch_size)
+        # One message until sizes are known: the first delivery sets the limit the budget allows
+        # (a round trip), where a larger start could put far more than the budget on the wire.
+        self._prefetch = 1
         self._lock = threading.Lock()
         self._buffer: deque[tuple[int, InboundMessage]] = deque()  # guarded by _lock
         self.first_buffered_at: datetime | None = None  # guarded by _lock
