@@ -165,9 +165,9 @@ def publish_mixed(
 
 
 def pipeline_connections(pid: int) -> list[str]:
-    """The names of a process's connections on the broker (named by `connect`)."""
+    """The broker's ids of a process's connections (named by `connect`)."""
     listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "name", "client_properties"],
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -177,13 +177,13 @@ def pipeline_connections(pid: int) -> list[str]:
     return [line.split("\t", 1)[0] for line in listed.splitlines() if marker in line]
 
 
-def close_connections(names: list[str]) -> None:
-    for name in names:
+def close_connections(ids: list[str]) -> None:
+    for connection_id in ids:
         subprocess.run(
-            ["rabbitmqctl", "-q", "close_connection", name, "fault injection"],
+            ["rabbitmqctl", "-q", "close_connection", connection_id, "fault injection"],
             capture_output=True,
             timeout=60,
-            check=False,  # one may have closed already
+            check=False,  # a short-lived one (a dead-letter queue scan) may be gone already
         )
 
 
@@ -271,9 +271,9 @@ def test_fuzzed_messages_broker_closes_and_kill_9(tmp_path: Path) -> None:
         published += add_load(2, max(10, FUZZED // 10))
         for _ in range(CLOSES):
             pipeline.wait_for(is_ready, what="readiness before a close")
-            names = pipeline_connections(pid)
-            assert names, "the pipeline has no connection on the broker"
-            close_connections(names)
+            ids = pipeline_connections(pid)
+            assert ids, "the pipeline has no connection on the broker"
+            close_connections(ids)
             time.sleep(rng.uniform(0.2, 1.5))
         pipeline.wait_for(is_ready, timeout_s=120, what="readiness after the closes")
         pipeline.wait_for(lambda p: all_handled(p, published), timeout_s=600, what="phase 2")
@@ -304,6 +304,7 @@ def test_fuzzed_messages_broker_closes_and_kill_9(tmp_path: Path) -> None:
         assert actual_state(FeatureStore.open(settings), prefix) == expected_state(settings, final)
 
         text = log.read_text(errors="replace")
+        assert text.count("lost the broker on") >= CLOSES, "the closes did not reach the source"
         allowed = unhandled_in_this_tree(poison)
         for line in tracebacks(text):
             assert allowed and re.match(r"(RecursionError|ValueError: Exceeds the limit)", line), (
