@@ -28,7 +28,7 @@ from pydantic import ValidationError
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import DEAD_LETTER_ID_HEADER, EventPublisher
-from feature_pipeline.connectors.rabbitmq.topology import router_exchange
+from feature_pipeline.connectors.rabbitmq.topology import consumed_queues, router_exchange
 from feature_pipeline.domain.events import ChangeEvent, InvalidEvent, parse_event
 from feature_pipeline.settings import Settings, load_settings
 
@@ -187,6 +187,19 @@ def close_connections(ids: list[str]) -> None:
         )
 
 
+def consuming_connections(pipeline: PipelineProcess, settings: Settings) -> list[str]:
+    """The pipeline's connections, once it is ready and each queue's consumer is connected."""
+    assert pipeline.process is not None
+    found: list[str] = []
+
+    def consuming(p: PipelineProcess) -> bool:
+        found[:] = pipeline_connections(p.process.pid)
+        return is_ready(p) and len(found) >= len(consumed_queues(settings))
+
+    pipeline.wait_for(consuming, timeout_s=120, what="the pipeline to consume again")
+    return found
+
+
 def is_ready(pipeline: PipelineProcess) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{pipeline.port}/ready", timeout=30):
@@ -270,10 +283,7 @@ def test_fuzzed_messages_broker_closes_and_kill_9(tmp_path: Path) -> None:
         # 2. The broker closes every connection of the pipeline, under load.
         published += add_load(2, max(10, FUZZED // 10))
         for _ in range(CLOSES):
-            pipeline.wait_for(is_ready, what="readiness before a close")
-            ids = pipeline_connections(pid)
-            assert ids, "the pipeline has no connection on the broker"
-            close_connections(ids)
+            close_connections(consuming_connections(pipeline, settings))
             time.sleep(rng.uniform(0.2, 1.5))
         pipeline.wait_for(is_ready, timeout_s=120, what="readiness after the closes")
         pipeline.wait_for(lambda p: all_handled(p, published), timeout_s=600, what="phase 2")
