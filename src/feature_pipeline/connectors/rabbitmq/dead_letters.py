@@ -8,6 +8,8 @@ redelivered, and without care it would be dead-lettered a second time. Covered:
 
 - Redelivery within one process lifetime (a lost connection, a closed channel): the ids sent
   are remembered (the last RECENT_IDS of them) and a repeat is skipped.
+- A publish whose confirm was lost with its connection (the broker may have queued it): the
+  retry first looks for its id among the first DLQ_SCAN_LIMIT dead letters in the queue.
 - Redelivery after a restart: the broker marks it `redelivered`; on the first such message the
   sink reads the ids of the first DLQ_SCAN_LIMIT dead letters in the queue (putting them back,
   as `dlq list` does) and skips those. A dead letter already consumed or replayed from the
@@ -123,11 +125,7 @@ class _DeadLetterPartition(StatefulSinkPartition[DeadLetter, None]):
                 )
                 metrics.add("dead_letters_repeated")
                 continue
-            retry_with_backoff(
-                lambda item=item, letter_id=letter_id: self._publish(item, letter_id),
-                "publishing a dead letter",
-                retry_on=(AMQPError,),
-            )
+            self._publish_once(item, letter_id)
             self._sent.add(letter_id)
             sent.append(item)
         metrics.add("dead_letters", len(sent))
@@ -151,6 +149,20 @@ class _DeadLetterPartition(StatefulSinkPartition[DeadLetter, None]):
             self._queue_scanned = True
             return letter_id in self._sent
         return False
+
+    def _publish_once(self, item: DeadLetter, letter_id: str) -> None:
+        """Publish, retrying; a retry first looks for the letter in the queue, since a publish
+        whose confirm was lost with its connection may have been queued all the same."""
+        attempts = 0
+
+        def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            if attempts > 1 and letter_id in dead_letter_ids_in_queue(self._settings):
+                return
+            self._publish(item, letter_id)
+
+        retry_with_backoff(attempt, "publishing a dead letter", retry_on=(AMQPError,))
 
     def _publish(self, item: DeadLetter, letter_id: str) -> None:
         try:
