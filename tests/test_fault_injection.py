@@ -18,6 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,7 @@ def test_fuzzed_messages_broker_closes_and_kill_9(tmp_path: Path) -> None:
     prefix = f"fz{SEED}x{rng.randrange(10**6)}"
     settings = load_settings(
         _env_file=None,
-        rabbitmq_queue=f"test-faults-{prefix}",
+        rabbitmq_queue=f"test-faults-{uuid.uuid4().hex[:12]}",  # runs may overlap
         rabbitmq_shards=2,
         qdrant_path=tmp_path / "qdrant",
         batch_max_wait_ms=10,
