@@ -211,9 +211,7 @@ def queue_depths(settings: Settings) -> int:
 
 @pytest.mark.parametrize("seed", [7, 2024])
 def test_kill_9_in_the_middle_of_a_sequence(seed: int, tmp_path: Path) -> None:
-    # Small batches, so the kill lands mid-stream: the source buffers the whole backlog while
-    # the model loads, and batches of 256 would apply most of it at once.
-    settings = oracle_settings(tmp_path, "qdrant").model_copy(update={"batch_size": 16})
+    settings = oracle_settings(tmp_path, "qdrant")
     rng = random.Random(seed)
     namespace = f"crash{seed}"
     ops: list[Operation] = [

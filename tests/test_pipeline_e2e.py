@@ -143,9 +143,6 @@ def test_poison_messages_are_dead_lettered_and_the_pipeline_goes_on(
 def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(
     settings: Settings, tmp_path: Path
 ) -> None:
-    # Small batches, so the kill lands mid-stream: the source buffers the whole backlog while
-    # the model loads, and batches of 256 would index most of it in one write.
-    settings = settings.model_copy(update={"batch_size": 16})
     posts = read_jsonl(SAMPLES / "posts.jsonl")
     # A backlog of distinct documents: every sample post under a few ids.
     events = [
