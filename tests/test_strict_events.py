@@ -26,7 +26,9 @@ from .conftest import SAMPLES, read_jsonl
 @pytest.fixture
 def local_settings(tmp_path: Path) -> Iterator[Settings]:
     """An embedded store of this test's own; no broker needed."""
-    yield load_settings(_env_file=None, qdrant_path=tmp_path / "qdrant", query_port=0)
+    yield load_settings(
+        _env_file=None, qdrant_path=tmp_path / "qdrant", query_port=0, embedding_backend="fp32"
+    )
     close_stores()
 
 
