@@ -24,7 +24,6 @@ from feature_pipeline.domain.changes import DeadLetter, DocumentChange
 from feature_pipeline.domain.events import replace_surrogates
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics, metrics
-from feature_pipeline.processing.chunking import load_tokenizer
 from feature_pipeline.processing.embedding import (
     EmbedderFactory,
     EmbeddingModel,
@@ -32,7 +31,7 @@ from feature_pipeline.processing.embedding import (
     resolve_device,
 )
 from feature_pipeline.redaction import redact
-from feature_pipeline.settings import Settings, SettingsError
+from feature_pipeline.settings import Settings
 from feature_pipeline.sync import FeatureSync
 
 log = logging.getLogger(__name__)
@@ -62,8 +61,6 @@ def build_sync(
     def model_for(data_type: DataType) -> EmbeddingModel:
         return embedders(settings, data_type)
 
-    for data_type in DataType:
-        check_chunk_size(settings, data_type, model_for(data_type))
     store.ensure_collections({t: model_for(t).dimension for t in DataType})
     batch_size = settings.embedding_batch_size_for(resolve_device(settings.embedding_device))
     return FeatureSync(store, model_for, counters, batch_size)
@@ -95,19 +92,6 @@ class TimedStore:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
-
-
-def check_chunk_size(settings: Settings, data_type: DataType, embedder: EmbeddingModel) -> None:
-    """Fail at start when chunks could exceed the model's window: it would truncate them silently."""
-    special = load_tokenizer(embedder.path).post_processor.num_special_tokens_to_add(False)
-    limit = embedder.max_seq_length - special
-    size = settings.chunk_size_for(data_type)
-    if size > limit:
-        raise SettingsError(
-            f"CHUNK_SIZE_{data_type.value.upper()}={size} exceeds what {embedder.name} reads: "
-            f"{embedder.max_seq_length} word pieces including {special} special tokens, so at "
-            f"most {limit}"
-        )
 
 
 class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
