@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from bytewax.testing import run_main
 from pydantic_core import PydanticSerializationError
+from qdrant_client.http.exceptions import UnexpectedResponse
 
 from feature_pipeline.connectors.files import DeadLetterFileSink, JsonLinesSource
 from feature_pipeline.connectors.qdrant import store as store_module
@@ -32,25 +33,43 @@ from .pipeline_process import InProcessPipeline
 REFUSED = "refused-1"
 
 
-class RefusingStore:
-    """The real store, except that every write carrying `refuse`'s points raises the error
-    qdrant-client raises on a payload it cannot serialise, and the first `outages` writes raise
-    ConnectionError (a server restarting)."""
+#: What qdrant-client raises on a payload it cannot serialise, and a server's 400 answer.
+SERIALISATION_ERROR = PydanticSerializationError(
+    "Error serializing to JSON: 'utf-8' codec can't encode character"
+)
+BAD_REQUEST = UnexpectedResponse(400, "Bad Request", b'{"status":{"error":"bad payload"}}', None)
+#: A server restarting: the connection refused, or 503 from a proxy in front of it.
+OUTAGES = {
+    "connection": ConnectionError("connection refused (server restarting)"),
+    "503": UnexpectedResponse(503, "Service Unavailable", b"", None),
+}
 
-    def __init__(self, store: FeatureStore, refuse: str | None, outages: int = 0) -> None:
+
+class RefusingStore:
+    """The real store, except that every write carrying `refuse`'s points raises `error`, and
+    the first `outages` writes raise `outage`."""
+
+    def __init__(
+        self,
+        store: FeatureStore,
+        refuse: str | None,
+        error: Exception = SERIALISATION_ERROR,
+        outages: int = 0,
+        outage: Exception = OUTAGES["connection"],
+    ) -> None:
         self._store = store
         self._refuse = refuse
+        self._error = error
         self.outages = outages
+        self._outage = outage
 
     def _check(self, points: Sequence[Any]) -> None:
         if self.outages:
             self.outages -= 1
-            raise ConnectionError("connection refused (server restarting)")
+            raise self._outage
         for point in points:
             if isinstance(point, Point) and point.payload.get("entry_id") == self._refuse:
-                raise PydanticSerializationError(
-                    "Error serializing to JSON: 'utf-8' codec can't encode character"
-                )
+                raise self._error
 
     def upsert(self, collection: str, points: Sequence[Any]) -> None:
         self._check(points)
@@ -61,10 +80,10 @@ class RefusingStore:
 
 
 def wrap_store(
-    monkeypatch: pytest.MonkeyPatch, settings: Settings, refuse: str | None, outages: int = 0
+    monkeypatch: pytest.MonkeyPatch, settings: Settings, refuse: str | None, **faults: Any
 ) -> RefusingStore:
     """Make FeatureStore.open (the process-wide registry) hand out the wrapped real store."""
-    wrapped = RefusingStore(FeatureStore.open(settings), refuse, outages)
+    wrapped = RefusingStore(FeatureStore.open(settings), refuse, **faults)
     location = str(settings.qdrant_path.resolve())
     monkeypatch.setitem(store_module._stores, location, wrapped)  # type: ignore[arg-type]
     return wrapped
@@ -121,13 +140,22 @@ def chunk_entry_ids(settings: Settings) -> set[str]:
     return {p.payload["entry_id"] for p in store.scroll(DataType.POSTS.vector_collection)}
 
 
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [
+        (SERIALISATION_ERROR, "PydanticSerializationError: Error serializing to JSON"),
+        (BAD_REQUEST, "StoreRefused: UnexpectedResponse: Unexpected Response: 400 (Bad Request)"),
+    ],
+)
 def test_a_document_the_store_refuses_is_dead_lettered_and_the_rest_apply(
     local_settings: Settings,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    error: Exception,
+    reason: str,
 ) -> None:
-    wrap_store(monkeypatch, local_settings, refuse=REFUSED)
+    wrap_store(monkeypatch, local_settings, refuse=REFUSED, error=error)
     lines = post_lines()
     with caplog.at_level(logging.INFO, logger="feature_pipeline"):
         dead_letters, progress = backfill(local_settings, tmp_path, lines)
@@ -138,7 +166,8 @@ def test_a_document_the_store_refuses_is_dead_lettered_and_the_rest_apply(
     # Both versions of the refused document, as they came (replayable), in order.
     assert [json.loads(r["body"]) for r in records] == [json.loads(lines[i]) for i in (1, 3)]
     assert {r["error_type"] for r in records} == {"store_error"}
-    assert all(r["reason"].startswith("PydanticSerializationError: ") for r in records)
+    assert all(r["reason"].startswith(reason) for r in records), records[0]["reason"]
+    assert all("\n" not in r["reason"] for r in records)
     assert all(r["source"].endswith(("posts.jsonl:2", "posts.jsonl:4")) for r in records)
     assert sum(progress) == len(lines)  # 2 written + 2 dead-lettered: each line counted once
     assert "Traceback" not in caplog.text
@@ -146,13 +175,17 @@ def test_a_document_the_store_refuses_is_dead_lettered_and_the_rest_apply(
     assert len(refused_lines) == 1 and refused_lines[0].exc_info is None
 
 
+@pytest.mark.parametrize("outage", sorted(OUTAGES))
 def test_a_store_outage_is_retried_not_dead_lettered(
     local_settings: Settings,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    outage: str,
 ) -> None:
-    wrapped = wrap_store(monkeypatch, local_settings, refuse=None, outages=2)
+    wrapped = wrap_store(
+        monkeypatch, local_settings, refuse=None, outages=2, outage=OUTAGES[outage]
+    )
     with caplog.at_level(logging.WARNING, logger="feature_pipeline"):
         dead_letters, progress = backfill(local_settings, tmp_path, post_lines())
 

@@ -44,6 +44,15 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+#: A server's answers that refuse the request itself (its content), not the service: retrying
+#: cannot help. Others (5xx, 401/403, 404, 429) are the server's or the setup's state: retried.
+REFUSING_STATUSES = frozenset({400, 413, 422})
+
+
+class StoreRefused(Exception):
+    """The Qdrant server refused a write's content (`REFUSING_STATUSES`): not retried."""
+
+
 #: The dataflow's dead-letter sink (queue or file), which takes no resume state.
 DeadLetterSink = FixedPartitionedSink[DeadLetter, Any]
 
@@ -129,8 +138,16 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
 
     def _apply(self, changes: list[DocumentChange]) -> None:
         retry_with_backoff(
-            lambda: self._sync.apply(changes), "writing to the feature store", retry_on=STORE_ERRORS
+            lambda: self._apply_once(changes), "writing to the feature store", retry_on=STORE_ERRORS
         )
+
+    def _apply_once(self, changes: list[DocumentChange]) -> None:
+        try:
+            self._sync.apply(changes)
+        except UnexpectedResponse as exc:
+            if exc.status_code in REFUSING_STATUSES:
+                raise StoreRefused(describe_error(exc)) from exc
+            raise
 
     def _apply_each_document(self, items: list[DocumentChange]) -> list[DeadLetter]:
         """Apply each document's changes on their own; dead letters for those that still fail."""
