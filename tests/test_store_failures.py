@@ -99,8 +99,12 @@ def local_settings(tmp_path: Path) -> Iterator[Settings]:
 
 def post_lines() -> list[str]:
     """Two good posts and two versions of the refused one, in one file (one source batch)."""
-    posts = [
-        {k: v for k, v in d.items() if k != "_id"} for d in read_jsonl(SAMPLES / "posts.jsonl")
+    posts = [  # a few sentences each: one chunk to embed, the test stays quick
+        {
+            **{k: v for k, v in d.items() if k != "_id"},
+            "content": {"text": d["content"]["text"][:300]},
+        }
+        for d in read_jsonl(SAMPLES / "posts.jsonl")
     ]
     return [
         json.dumps({**posts[0], "type": "posts", "entry_id": "good-1"}),

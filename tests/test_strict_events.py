@@ -119,6 +119,7 @@ def test_documents_with_lone_surrogates_are_indexed_as_valid_utf8(
 ) -> None:
     post = {k: v for k, v in read_jsonl(SAMPLES / "posts.jsonl")[0].items() if k != "_id"}
     article = {k: v for k, v in read_jsonl(SAMPLES / "articles.jsonl")[0].items() if k != "_id"}
+    article["content"] = {**article["content"], "Content": article["content"]["Content"][:1500]}
     post["platform"] = "linkedin\ud800"
     post["content"] = {**post["content"], "text": post["content"]["text"] + " tail \udfff"}
     article["link"] = article["link"] + "?x=\ud800"
