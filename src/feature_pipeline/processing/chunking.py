@@ -186,6 +186,13 @@ class TokenSplitter:
         # Below half a chunk, a cut at a good separator is not worth a tiny chunk.
         self._min_fill = max(1, max_tokens // 2)
         self._word_local = _is_word_local(tokenizer)
+        # One int object per vocabulary id, shared by every chunk's ids: a fresh int per id
+        # was 7 of a chunk's ~20 KB (a 10 MB article makes ~13,000 chunks).
+        self._ints = tuple(range(tokenizer.get_vocab_size(with_added_tokens=True)))
+
+    def _interned(self, ids: Iterable[int]) -> tuple[int, ...]:
+        ints, known = self._ints, len(self._ints)
+        return tuple(ints[i] if 0 <= i < known else i for i in ids)
 
     def count_tokens(self, text: str) -> int:
         return len(self._ids(text))
@@ -243,7 +250,9 @@ class TokenSplitter:
         Only for a word-local tokenizer: cut at whitespace, the pieces tokenize exactly as the
         whole text does, so the chunks are the same."""
         text = request.text
-        starts, ends, words, ids = array("q"), array("q"), array("q"), array("i")
+        # 4-byte ints (16 bytes a token, not ~100 in lists of tuples): texts stay under 2**31
+        # characters (MAX_DOCUMENT_BYTES is capped there).
+        starts, ends, words, ids = array("i"), array("i"), array("i"), array("i")
         word_base = 0
         pieces = _pieces(text, PIECE_CHARS)
         # A few pieces per call keep the tokenizer's threads busy without holding them all.
@@ -292,7 +301,7 @@ class TokenSplitter:
             texts = [text[packed[i][0] : packed[i][1]] for i in unknown]
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
             for i, made in zip(unknown, encodings, strict=True):
-                packed[i] = (packed[i][0], packed[i][1], tuple(made.ids))
+                packed[i] = (packed[i][0], packed[i][1], self._interned(made.ids))
         return [
             TextSpan(start + offset, end + offset, text[start:end], chunk_ids)
             for start, end, chunk_ids in packed
@@ -320,13 +329,13 @@ class TokenSplitter:
                     recounted = self._ids(tokens.text[start:end])
                     excess = len(recounted) - self.max_tokens
                     if excess <= 0 or last - first == 1:
-                        chunk_ids = recounted
+                        chunk_ids = self._interned(recounted)
                         break
                     last = max(first + 1, last - excess)
                     start, end = _char_range(tokens, first, last, keep_indentation)
             elif _only_whitespace_around(tokens, first, last, start, end):
                 # Between words of a word-local tokenizer: the text alone makes the same pieces.
-                chunk_ids = tuple(ids[first:last])
+                chunk_ids = self._interned(ids[first:last])
             if excess > 0:
                 # A lone word piece that re-tokenizes past a tiny limit: cut it by characters.
                 ranges.extend(
