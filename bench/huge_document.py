@@ -111,6 +111,8 @@ def _vm_hwm_mb(pid: int) -> float | None:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
+    if "VmHWM:" not in status:  # exited, not yet reaped
+        return None
     return round(int(status.split("VmHWM:")[1].split()[0]) / 1024, 1)
 
 
