@@ -20,8 +20,9 @@ from feature_pipeline.domain.features import Chunk, CleanedDocument, content_has
 PROSE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", ". ", "! ", "? ", " ")
 #: Cut preferences for files of a language langchain has no separators for.
 DEFAULT_CODE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", " ")
-#: A longer text is tokenized in pieces of about this many characters, cut at whitespace: one
-#: encoding of a 10 MB text (and Python's lists of its offsets) took over a gigabyte.
+#: A longer text is tokenized in pieces of about this many characters, cut at whitespace: a
+#: 10 MB article tokenized whole, with Python lists of its offsets, took chunking to a 1.7 GB
+#: peak (docs/benchmark.md).
 PIECE_CHARS = 100_000
 #: Characters of short texts tokenized per `encode_batch` call, so that a 5,000-file repository
 #: is not held as 5,000 encodings at once.
@@ -186,8 +187,8 @@ class TokenSplitter:
         # Below half a chunk, a cut at a good separator is not worth a tiny chunk.
         self._min_fill = max(1, max_tokens // 2)
         self._word_local = _is_word_local(tokenizer)
-        # One int object per vocabulary id, shared by every chunk's ids: a fresh int per id
-        # was 7 of a chunk's ~20 KB (a 10 MB article makes ~13,000 chunks).
+        # One int object per vocabulary id, shared by every chunk's ids: a fresh 28-byte int
+        # per id was ~7 KB of each chunk (a 10 MB article makes ~13,000 chunks).
         self._ints = tuple(range(tokenizer.get_vocab_size(with_added_tokens=True)))
 
     def _interned(self, ids: Iterable[int]) -> tuple[int, ...]:
