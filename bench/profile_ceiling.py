@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import os
 import pstats
 import shutil
@@ -27,6 +28,19 @@ from feature_pipeline.processing.pipeline import DocumentProcessor  # noqa: E402
 from feature_pipeline.settings import load_settings  # noqa: E402
 
 
+def outputs_digest(processor: DocumentProcessor, messages: list[InboundMessage]) -> str:
+    """SHA-256 over what processing makes of the messages: payloads, spans and token ids."""
+    digest = hashlib.sha256()
+    for message in messages:
+        change = processor.process(message)
+        assert isinstance(change, DocumentChange) and change.cleaned is not None
+        digest.update(change.cleaned.model_dump_json().encode())
+        for chunk in change.chunks:
+            digest.update(chunk.model_dump_json().encode())
+            digest.update(repr(chunk.token_ids).encode())
+    return digest.hexdigest()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-chunks", type=int, default=3000, help="as bench/run.py")
@@ -37,6 +51,12 @@ def main() -> int:
         choices=("all", "process", "sync"),
         default="all",
         help="profile only this phase (the other still runs, unprofiled)",
+    )
+    parser.add_argument(
+        "--digest",
+        action="store_true",
+        help="also print a digest of every cleaned document, chunk and token id (an optimisation "
+        "must not change it)",
     )
     args = parser.parse_args()
 
@@ -71,6 +91,8 @@ def main() -> int:
             profiler.disable()
             cpu["sync"] += time.process_time() - started
         wall = time.perf_counter() - wall_started
+        if args.digest:
+            print(f"outputs sha256: {outputs_digest(processor, messages)}")
         total = sum(cpu.values())
         print(
             f"CPU s: process {cpu['process']:.2f}, sync {cpu['sync']:.2f}, total {total:.2f} "
