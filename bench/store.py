@@ -8,8 +8,9 @@
 real embeddings), chunk-like payloads (~1 KB of text, the indexed keyword fields), written in
 batches of the sink's size. Measures the upsert rate, reads by id, deletes by id, search p50/p99
 of top-10 with and without a `type` filter (a third of the points match it), recall@10 against
-exact search (numpy), the slowest write (a background index build stalls writes), the index
-build of what is left unindexed after the load, peak RSS, disk size and reopen time; writes
+exact search (numpy), the slowest write and the longest stall of the whole process while
+loading (a background index build holds the GIL), searches run every 100 ms during the load,
+the index build of what is left unindexed after the load, peak RSS, disk size and reopen time; writes
 bench/results/store.json (or --out).
 """
 
@@ -22,6 +23,7 @@ import resource
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +82,42 @@ def payload(i: int) -> dict[str, Any]:
         "content_hash": f"{i:032x}",
         "model": "sentence-transformers/all-MiniLM-L6-v2",
     }
+
+
+class Watch:
+    """Background threads while the store loads: one sleeps 10 ms at a time and records how much
+    longer it took (the whole process stalls while something holds the GIL, e.g. an index build
+    in qdrant-edge-py 0.9.0), one runs a search every 100 ms and times it."""
+
+    def __init__(self, store: FeatureStore, query: list[float]) -> None:
+        self.worst_stall_s = 0.0
+        self.search_s: list[float] = []
+        self._stop = threading.Event()
+        self._store = store
+        self._query = query
+        self._threads = [
+            threading.Thread(target=self._tick, daemon=True),
+            threading.Thread(target=self._search, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _tick(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            time.sleep(0.01)
+            self.worst_stall_s = max(self.worst_stall_s, time.perf_counter() - started - 0.01)
+
+    def _search(self) -> None:
+        while not self._stop.wait(0.1):
+            started = time.perf_counter()
+            self._store.search(DATA_TYPE, self._query, TOP)
+            self.search_s.append(time.perf_counter() - started)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
 
 
 class ExactTopK:
@@ -151,6 +189,7 @@ def main() -> None:
     store = open_store(args.engine, path)
     store.ensure_collections({DATA_TYPE: DIM})
     write_s, write_cpu_s, slowest_write_s = 0.0, 0.0, 0.0
+    watch = Watch(store, queries[0].tolist())
     for first in range(0, args.points, args.batch):
         size = min(args.batch, args.points - first)
         vectors = batch_vectors(centres, seed=first, size=size)
@@ -173,6 +212,8 @@ def main() -> None:
         # The longest write: a background index build (it holds the GIL) stalls writes.
         slowest_write_s = max(slowest_write_s, took)
     upsert_rate = args.points / write_s
+    watch.stop()
+    during_load = [t * 1e3 for t in watch.search_s]
 
     # Index build: what the background optimiser does once writes pause, timed here directly.
     started = time.perf_counter()
@@ -223,6 +264,11 @@ def main() -> None:
             "filtered_recall_at_10": filtered["recall_at_10"],
             "write_batch": args.batch,
             "slowest_write_ms": round(slowest_write_s * 1e3, 1),
+            "worst_stall_during_load_ms": round(watch.worst_stall_s * 1e3, 1),
+            "searches_during_load": len(during_load),
+            "search_during_load_p50_ms": round(percentile(during_load, 50), 3),
+            "search_during_load_p99_ms": round(percentile(during_load, 99), 3),
+            "search_during_load_max_ms": round(max(during_load), 3),
             "index_build_s": round(index_s, 2),
             "retrieve_50_by_id_ms": round(retrieve_ms, 2),
             "delete_10_by_id_ms": round(delete_ms, 2),

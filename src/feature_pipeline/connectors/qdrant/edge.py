@@ -6,9 +6,12 @@ collection under QDRANT_PATH/shards/<collection>.
   flushed to disk when the store is idle and on close.
 - Indexes: HNSW for vectors and keyword payload indexes. Edge builds HNSW only when the caller
   runs `optimize()`; until then new points are searched exactly. `_Optimizer` runs it in the
-  background once writes pause (or the unindexed tail grows too long); in qdrant-edge-py 0.9.0
-  `optimize()` holds the GIL, so while it runs the whole process waits: it is kept for idle
-  moments on purpose.
+  background once writes pause or the unindexed tail fills a segment (SEGMENT_POINTS); in
+  qdrant-edge-py 0.9.0 `optimize()` holds the GIL and the shard, so while it runs the whole
+  process waits (writes and searches alike): it is kept for idle moments and full segments on
+  purpose, and a sealed segment is never rebuilt, so each pause is one segment's build.
+- Memory: the float32 vectors stay on disk (memory-mapped, in the page cache only while used);
+  the process keeps their int8 copies (384 bytes a point), the HNSW graphs and payload indexes.
 - One process at a time: a lock file (fcntl) in QDRANT_PATH, taken before any shard is opened.
 """
 
@@ -74,17 +77,21 @@ _FILTERED_SEARCH = edge.SearchParams(
 )
 
 
-def _vector_config(size: int) -> edge.EdgeConfig:
-    """A vector collection: float32 originals on disk, segments sealed at SEGMENT_POINTS."""
+def _vector_config(size: int, segment_points: int) -> edge.EdgeConfig:
+    """A vector collection: float32 originals on disk, segments sealed at `segment_points`."""
     # The engine sizes segments in KB of float32 vectors.
-    segment_kb = SEGMENT_POINTS * size * 4 // 1024
+    segment_kb = segment_points * size * 4 // 1024
     return edge.EdgeConfig(
         vectors=edge.EdgeVectorParams(
             size=size, distance=edge.Distance.Cosine, memory=edge.Memory.Cold
         ),
         hnsw_config=_HNSW,
         quantization_config=_QUANTIZATION,
-        optimizers=edge.EdgeOptimizersConfig(max_segment_size=segment_kb),
+        # Tails above 10,000 KB (the engine's default) are indexed when writes pause; a smaller
+        # segment size (tests) lowers that too, or its segments would never be indexed.
+        optimizers=edge.EdgeOptimizersConfig(
+            max_segment_size=segment_kb, indexing_threshold=max(1, min(10_000, segment_kb))
+        ),
     )
 
 
@@ -100,7 +107,8 @@ class EdgeStore(FeatureStore):
         path: Path,
         *,
         optimize_idle_s: float = 1.0,
-        optimize_max_unindexed: int = SEGMENT_POINTS,
+        segment_points: int = SEGMENT_POINTS,
+        optimize_max_unindexed: int | None = None,
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         _refuse_legacy(path)
@@ -121,7 +129,11 @@ class EdgeStore(FeatureStore):
             raise
         #: Optimisations run so far (the background optimiser's and explicit ones).
         self.optimizations = 0
-        self._optimizer = _Optimizer(self, optimize_idle_s, optimize_max_unindexed)
+        #: For vector collections created by this store (an existing one keeps its own).
+        self._segment_points = segment_points
+        self._optimizer = _Optimizer(
+            self, optimize_idle_s, optimize_max_unindexed or segment_points
+        )
 
     def close(self) -> None:
         self._optimizer.stop()
@@ -152,7 +164,7 @@ class EdgeStore(FeatureStore):
                     sparse_vectors={_NO_VECTORS: edge.EdgeSparseVectorParams()}
                 )
             else:
-                config = _vector_config(size)
+                config = _vector_config(size, self._segment_points)
             shard = edge.EdgeShard.create(str(self._shards_dir / name), config)
             self._shards[name] = shard
         # Also on an existing shard: a process killed right after creating it had none yet.
@@ -254,6 +266,11 @@ class EdgeStore(FeatureStore):
         shard.flush()
         self.optimizations += 1
         log.debug("optimised %s in %.2fs", collection, time.perf_counter() - started)
+
+    def segments(self, collection: str) -> tuple[int, int]:
+        """(segments, indexed vectors) of one collection: for tests and the benchmark."""
+        info = self._shard(collection).info()
+        return info.segments_count, info.indexed_vectors_count
 
     def flush(self, collection: str) -> None:
         self._shard(collection).flush()
