@@ -55,8 +55,9 @@ _NO_VECTORS = "none"
 #: re-indexed with everything written so far (197 s pauses while loading 1M points). The price
 #: is one graph per segment to search (10 at 1M points).
 SEGMENT_POINTS = 100_000
-#: HNSW m 16; ef_construct 32 (the server's default is 100) builds a segment ~2x faster and,
-#: with the searches below, still found 0.99+ of the exact top 10 (bench/store.py). Below
+#: HNSW m 16; ef_construct 32 (the server's default is 100) examines fewer candidates per
+#: inserted point, so a segment builds faster, and with the searches below still found 0.999 of
+#: the exact top 10 at 100,000 and 1M points (bench/store.py). Below
 #: 10,000 KB of vectors (6,500 384-d points) a segment is searched exactly, which is as fast.
 _HNSW = edge.HnswIndexConfig(m=16, ef_construct=32, full_scan_threshold=10_000)
 #: int8 copies of the vectors, pinned in RAM, build and search the graph (384 bytes a point:
