@@ -8,8 +8,9 @@
 real embeddings), chunk-like payloads (~1 KB of text, the indexed keyword fields), written in
 batches of the sink's size. Measures the upsert rate, reads by id, deletes by id, search p50/p99
 of top-10 with and without a `type` filter (a third of the points match it), recall@10 against
-exact search (numpy), the slowest write (a background index build stalls writes), the index
-build of what is left unindexed after the load, peak RSS, disk size and reopen time; writes
+exact search (numpy), the slowest write and the longest stall of the whole process while
+loading (a background index build holds the GIL), searches run every 100 ms during the load,
+the index build of what is left unindexed after the load, peak RSS, disk size and reopen time; writes
 bench/results/store.json (or --out).
 """
 
@@ -22,6 +23,7 @@ import resource
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -80,6 +82,58 @@ def payload(i: int) -> dict[str, Any]:
         "content_hash": f"{i:032x}",
         "model": "sentence-transformers/all-MiniLM-L6-v2",
     }
+
+
+def anon_mb() -> float:
+    """This process's anonymous resident memory (Linux; 0 elsewhere)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Watch:
+    """Background threads while the store loads: one sleeps 10 ms at a time and records how much
+    longer it took (the whole process stalls while something holds the GIL, e.g. an index build
+    in qdrant-edge-py 0.9.0), one runs a search every 100 ms and times it."""
+
+    def __init__(self, store: FeatureStore, query: list[float]) -> None:
+        self.worst_stall_s = 0.0
+        #: The most anonymous memory seen (RSS less memory-mapped files, which the kernel can
+        #: drop: the float32 vectors on disk count in RSS while they are in the page cache).
+        self.peak_anon_mb = 0.0
+        self.search_s: list[float] = []
+        self._stop = threading.Event()
+        self._store = store
+        self._query = query
+        self._threads = [
+            threading.Thread(target=self._tick, daemon=True),
+            threading.Thread(target=self._search, daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _tick(self) -> None:
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            time.sleep(0.01)
+            self.worst_stall_s = max(self.worst_stall_s, time.perf_counter() - started - 0.01)
+            self.peak_anon_mb = max(self.peak_anon_mb, anon_mb())
+
+    def _search(self) -> None:
+        while not self._stop.wait(0.1):
+            started = time.perf_counter()
+            self._store.search(DATA_TYPE, self._query, TOP)
+            self.search_s.append(time.perf_counter() - started)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join()
 
 
 class ExactTopK:
@@ -141,6 +195,7 @@ def main() -> None:
     args = parser.parse_args()
 
     load_start = os.getloadavg()
+    bench_started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="bench-store-", dir=args.dir))
     path = workdir / "qdrant"
     centres = np.random.default_rng(0).standard_normal((CENTRES, DIM)).astype(np.float32) * 1.0
@@ -149,13 +204,14 @@ def main() -> None:
 
     store = open_store(args.engine, path)
     store.ensure_collections({DATA_TYPE: DIM})
-    write_s, slowest_write_s = 0.0, 0.0
+    write_s, write_cpu_s, slowest_write_s = 0.0, 0.0, 0.0
+    watch = Watch(store, queries[0].tolist())
     for first in range(0, args.points, args.batch):
         size = min(args.batch, args.points - first)
         vectors = batch_vectors(centres, seed=first, size=size)
         exact.add(vectors, first)
         exact_posts.add(vectors, first, mask=(np.arange(first, first + size) % len(TYPES)) == 0)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         # Building the points is part of a write's cost, as in the sink.
         store.upsert(
             COLLECTION,
@@ -166,9 +222,14 @@ def main() -> None:
         )
         took = time.perf_counter() - started
         write_s += took
+        # CPU seconds of the whole process (the engine's threads included): on a shared machine
+        # wall time also counts other processes' turns.
+        write_cpu_s += time.process_time() - started_cpu
         # The longest write: a background index build (it holds the GIL) stalls writes.
         slowest_write_s = max(slowest_write_s, took)
     upsert_rate = args.points / write_s
+    watch.stop()
+    during_load = [t * 1e3 for t in watch.search_s]
 
     # Index build: what the background optimiser does once writes pause, timed here directly.
     started = time.perf_counter()
@@ -185,6 +246,7 @@ def main() -> None:
 
     plain = timed_searches(store, queries, exact.truth(), None)
     filtered = timed_searches(store, queries, exact_posts.truth(), {"type": "posts"})
+    anon_loaded_mb = anon_mb()  # everything loaded, indexed and searched
 
     # Deletes by id, as the sync deletes a document's stale chunks: 20 deletes of 10 points.
     to_delete = sample[1_000:1_200]
@@ -209,20 +271,32 @@ def main() -> None:
             "engine": store.engine,
             "points": args.points,
             "upsert_points_per_s": round(upsert_rate),
+            "upsert_points_per_cpu_s": round(args.points / write_cpu_s),
             "search_p50_ms": plain["p50_ms"],
             "search_p99_ms": plain["p99_ms"],
             "recall_at_10": plain["recall_at_10"],
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_anon_rss_mb_during_load": round(watch.peak_anon_mb),
+            "anon_rss_mb_after_searches": round(anon_loaded_mb),
             "filtered_search_p50_ms": filtered["p50_ms"],
             "filtered_search_p99_ms": filtered["p99_ms"],
             "filtered_recall_at_10": filtered["recall_at_10"],
             "write_batch": args.batch,
             "slowest_write_ms": round(slowest_write_s * 1e3, 1),
+            "worst_stall_during_load_ms": round(watch.worst_stall_s * 1e3, 1),
+            "searches_during_load": len(during_load),
+            "search_during_load_p50_ms": round(percentile(during_load, 50), 3),
+            "search_during_load_p99_ms": round(percentile(during_load, 99), 3),
+            "search_during_load_max_ms": round(max(during_load), 3),
             "index_build_s": round(index_s, 2),
             "retrieve_50_by_id_ms": round(retrieve_ms, 2),
             "delete_10_by_id_ms": round(delete_ms, 2),
             "disk_mb": round(size_mb, 1),
             "reopen_s": round(reopen_s, 3),
+            "write_s": round(write_s, 1),
+            "write_cpu_s": round(write_cpu_s, 1),
+            "cpu_seconds": round(time.process_time(), 1),
+            "wall_seconds": round(time.perf_counter() - bench_started, 1),
             "load_average_start": [round(x, 2) for x in load_start],
             "load_average_end": [round(x, 2) for x in os.getloadavg()],
             "cpus": os.cpu_count(),

@@ -160,3 +160,31 @@ def test_indexes_are_built_once_writes_pause(tmp_path: Path) -> None:
     assert store.optimizations == 1
     assert store.count(POSTS) == 20
     store.close()
+
+
+def test_full_segments_are_indexed_and_sealed_not_merged_into_a_growing_one(
+    tmp_path: Path,
+) -> None:
+    # 2,000-point segments (100,000 in production); no idle optimisation, only full tails.
+    store = EdgeStore(tmp_path, segment_points=2_000, optimize_idle_s=3600)
+    store.ensure_collections({DataType.POSTS: 8})
+    rng = random.Random(0)
+    vectors = [[rng.gauss(0, 1) for _ in range(8)] for _ in range(6_000)]
+    for first in range(0, 6_000, 1_000):
+        store.upsert(
+            POSTS,
+            [
+                Point(str(uuid.UUID(int=n + 1)), {"n": n}, vectors[n])
+                for n in range(first, first + 1_000)
+            ],
+        )
+    deadline = time.monotonic() + 60
+    while store.optimizations < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    segments, indexed = store.segments(POSTS)
+    assert store.optimizations == 3
+    assert indexed == 6_000  # every full tail was indexed ...
+    assert segments >= 3  # ... into a segment of its own, never merged beyond 2,000 points
+    for n in (0, 2_999, 5_999):  # each segment is searched
+        assert store.search(DataType.POSTS, vectors[n], 1)[0].payload == {"n": n}
+    store.close()

@@ -6,9 +6,12 @@ collection under QDRANT_PATH/shards/<collection>.
   flushed to disk when the store is idle and on close.
 - Indexes: HNSW for vectors and keyword payload indexes. Edge builds HNSW only when the caller
   runs `optimize()`; until then new points are searched exactly. `_Optimizer` runs it in the
-  background once writes pause (or the unindexed tail grows too long); in qdrant-edge-py 0.9.0
-  `optimize()` holds the GIL, so while it runs the whole process waits: it is kept for idle
-  moments on purpose.
+  background once writes pause or the unindexed tail fills a segment (SEGMENT_POINTS); in
+  qdrant-edge-py 0.9.0 `optimize()` holds the GIL and the shard, so while it runs the whole
+  process waits (writes and searches alike): it is kept for idle moments and full segments on
+  purpose, and a sealed segment is never rebuilt, so each pause is one segment's build.
+- Memory: the float32 vectors stay on disk (memory-mapped, in the page cache only while used);
+  the process keeps their int8 copies (384 bytes a point), the HNSW graphs and payload indexes.
 - One process at a time: a lock file (fcntl) in QDRANT_PATH, taken before any shard is opened.
 """
 
@@ -26,6 +29,7 @@ from typing import IO, Any
 import qdrant_edge as edge
 
 from feature_pipeline.connectors.qdrant.store import (
+    CHUNK_INDEXED_FIELDS,
     INDEXED_FIELDS,
     SYNC_STATE_COLLECTION,
     FeatureStore,
@@ -35,6 +39,9 @@ from feature_pipeline.connectors.qdrant.store import (
     Record,
     StoreLocked,
     UnknownCollection,
+    check_vector_size,
+    page_offset,
+    record_of,
 )
 from feature_pipeline.domain.types import DataType
 
@@ -42,23 +49,52 @@ log = logging.getLogger(__name__)
 
 #: Payload-only collections still need a vector space in Edge: an empty sparse one costs nothing.
 _NO_VECTORS = "none"
-#: HNSW as the Qdrant server builds it by default (m 16, ef_construct 100); below 10,000 points
-#: a segment is searched exactly, which is as fast.
-_HNSW = edge.HnswIndexConfig(m=16, ef_construct=100, full_scan_threshold=10_000)
-#: int8 copies of the vectors, in RAM, for building and searching the graph (the float32
-#: originals stay memory-mapped and rescore the candidates): at 20,000 points here it built the
-#: index 3.5x faster (5.9 s against 20.9 s) and searched 2x faster, recall@10 0.985 against 1.0.
-_QUANTIZATION = edge.ScalarQuantizationConfig(type=edge.ScalarType.Int8, quantile=0.99)
-#: Searches examine 128 graph candidates and rescore twice the asked number with the originals:
-#: recall@10 went from 0.978 to 1.0 at 30,000 points here (0.964 at 100,000 without rescoring).
-_RESCORE = edge.QuantizationSearchParams(rescore=True, oversampling=2.0)
-_SEARCH = edge.SearchParams(hnsw_ef=128, quantization=_RESCORE)
-#: A filter makes the graph walk skip non-matching points and miss neighbours (recall@10 0.87
-#: with a filter matching a third of 30,000 points); ACORN also walks through them: 0.998, at
-#: ~10x the latency (bench/store.py measures both).
-_FILTERED_SEARCH = edge.SearchParams(
-    hnsw_ef=128, quantization=_RESCORE, acorn=edge.AcornSearchParams(enable=True)
+#: Points per sealed segment. The background optimiser indexes the unindexed tail when it
+#: reaches this many points (or when writes pause), and segments are never merged beyond this
+#: size: a full segment is indexed once and then left alone, instead of a growing segment being
+#: re-indexed with everything written so far (197 s pauses while loading 1M points). The price
+#: is one graph per segment to search (10 at 1M points).
+SEGMENT_POINTS = 100_000
+#: HNSW m 16; ef_construct 32 (the server's default is 100) examines fewer candidates per
+#: inserted point, so a segment builds faster, and with the searches below still found 0.999 of
+#: the exact top 10 at 100,000 and 1M points (bench/store.py). Below
+#: 10,000 KB of vectors (6,500 384-d points) a segment is searched exactly, which is as fast.
+_HNSW = edge.HnswIndexConfig(m=16, ef_construct=32, full_scan_threshold=10_000)
+#: int8 copies of the vectors, pinned in RAM, build and search the graph (384 bytes a point:
+#: 366 MB at 1M points); the float32 originals stay on disk (memory-mapped, Memory.Cold) and
+#: only rescore the candidates, so the page cache, not the process, holds them.
+_QUANTIZATION = edge.ScalarQuantizationConfig(
+    type=edge.ScalarType.Int8, quantile=0.99, memory=edge.Memory.Pinned
 )
+#: Rescoring twice the asked number of candidates with the originals makes up for int8's error
+#: (recall@10 0.964 -> 1.0 at 100,000 points here).
+_RESCORE = edge.QuantizationSearchParams(rescore=True, oversampling=2.0)
+_SEARCH = edge.SearchParams(hnsw_ef=64, quantization=_RESCORE)
+#: A filter makes the graph walk skip non-matching points and miss neighbours (recall@10 0.87
+#: with a filter matching a third of 30,000 points); ACORN also walks through them, at several
+#: times the cost per step: with ef 32 recall@10 was 0.92 at 20,000 points, with 64 0.96 (1.0
+#: at 100,000; bench/store.py measures both kinds of search).
+_FILTERED_SEARCH = edge.SearchParams(
+    hnsw_ef=64, quantization=_RESCORE, acorn=edge.AcornSearchParams(enable=True)
+)
+
+
+def _vector_config(size: int, segment_points: int) -> edge.EdgeConfig:
+    """A vector collection: float32 originals on disk, segments sealed at `segment_points`."""
+    # The engine sizes segments in KB of float32 vectors.
+    segment_kb = segment_points * size * 4 // 1024
+    return edge.EdgeConfig(
+        vectors=edge.EdgeVectorParams(
+            size=size, distance=edge.Distance.Cosine, memory=edge.Memory.Cold
+        ),
+        hnsw_config=_HNSW,
+        quantization_config=_QUANTIZATION,
+        # Tails above 10,000 KB (the engine's default) are indexed when writes pause; a smaller
+        # segment size (tests) lowers that too, or its segments would never be indexed.
+        optimizers=edge.EdgeOptimizersConfig(
+            max_segment_size=segment_kb, indexing_threshold=max(1, min(10_000, segment_kb))
+        ),
+    )
 
 
 class LegacyStore(RuntimeError):
@@ -73,7 +109,8 @@ class EdgeStore(FeatureStore):
         path: Path,
         *,
         optimize_idle_s: float = 1.0,
-        optimize_max_unindexed: int = 50_000,
+        segment_points: int = SEGMENT_POINTS,
+        optimize_max_unindexed: int | None = None,
     ) -> None:
         path.mkdir(parents=True, exist_ok=True)
         _refuse_legacy(path)
@@ -94,7 +131,11 @@ class EdgeStore(FeatureStore):
             raise
         #: Optimisations run so far (the background optimiser's and explicit ones).
         self.optimizations = 0
-        self._optimizer = _Optimizer(self, optimize_idle_s, optimize_max_unindexed)
+        #: For vector collections created by this store (an existing one keeps its own).
+        self._segment_points = segment_points
+        self._optimizer = _Optimizer(
+            self, optimize_idle_s, optimize_max_unindexed or segment_points
+        )
 
     def close(self) -> None:
         self._optimizer.stop()
@@ -114,26 +155,18 @@ class EdgeStore(FeatureStore):
                 self._ensure(data_type.vector_collection, size)
 
     def _ensure(self, name: str, size: int | None) -> None:
-        fields = INDEXED_FIELDS if size is None else (*INDEXED_FIELDS, "content_hash")
+        fields = INDEXED_FIELDS if size is None else CHUNK_INDEXED_FIELDS
         shard = self._shards.get(name)
         if shard is not None:
-            existing = _vector_size(self._shards_dir / name)
-            if size is not None and existing != size:
-                raise ValueError(
-                    f"collection {name!r} holds {existing}-d vectors but the configured model makes "
-                    f"{size}-d ones: use a new store (QDRANT_PATH/QDRANT_URL) or the old model"
-                )
+            if size is not None:
+                check_vector_size(name, _vector_size(self._shards_dir / name), size)
         else:
             if size is None:
                 config = edge.EdgeConfig(
                     sparse_vectors={_NO_VECTORS: edge.EdgeSparseVectorParams()}
                 )
             else:
-                config = edge.EdgeConfig(
-                    vectors=edge.EdgeVectorParams(size=size, distance=edge.Distance.Cosine),
-                    hnsw_config=_HNSW,
-                    quantization_config=_QUANTIZATION,
-                )
+                config = _vector_config(size, self._segment_points)
             shard = edge.EdgeShard.create(str(self._shards_dir / name), config)
             self._shards[name] = shard
         # Also on an existing shard: a process killed right after creating it had none yet.
@@ -163,7 +196,7 @@ class EdgeStore(FeatureStore):
         if not ids:
             return []
         records = self._shard(collection).retrieve(list(ids), True, with_vectors)
-        return [_record(r) for r in records]
+        return [record_of(r.id, r.payload, r.vector) for r in records]
 
     def count(self, collection: str, where: Match | None = None) -> int:
         return self._shard(collection).count(edge.CountRequest(exact=True, filter=_filter(where)))
@@ -186,7 +219,7 @@ class EdgeStore(FeatureStore):
                 with_vector=with_vectors,
             )
         )
-        return [_record(r) for r in page], None if next_offset is None else str(next_offset)
+        return [record_of(r.id, r.payload, r.vector) for r in page], page_offset(next_offset)
 
     def search(
         self,
@@ -235,6 +268,11 @@ class EdgeStore(FeatureStore):
         shard.flush()
         self.optimizations += 1
         log.debug("optimised %s in %.2fs", collection, time.perf_counter() - started)
+
+    def segments(self, collection: str) -> tuple[int, int]:
+        """(segments, indexed vectors) of one collection: for tests and the benchmark."""
+        info = self._shard(collection).info()
+        return info.segments_count, info.indexed_vectors_count
 
     def flush(self, collection: str) -> None:
         self._shard(collection).flush()
@@ -330,13 +368,4 @@ def _filter(where: Match | None) -> edge.Filter | None:
         must=[
             edge.FieldCondition(key, match=edge.MatchValue(value)) for key, value in where.items()
         ]
-    )
-
-
-def _record(record: edge.Record) -> Record:
-    vector = record.vector
-    return Record(
-        id=str(record.id),
-        payload=record.payload or {},
-        vector=vector if isinstance(vector, list) else None,  # type: ignore[arg-type]
     )

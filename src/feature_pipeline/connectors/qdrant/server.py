@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from qdrant_client import QdrantClient, models
 
 from feature_pipeline.connectors.qdrant.store import (
+    CHUNK_INDEXED_FIELDS,
     INDEXED_FIELDS,
     SYNC_STATE_COLLECTION,
     FeatureStore,
@@ -20,6 +21,9 @@ from feature_pipeline.connectors.qdrant.store import (
     Point,
     Record,
     UnknownCollection,
+    check_vector_size,
+    page_offset,
+    record_of,
 )
 from feature_pipeline.domain.types import DataType
 
@@ -60,18 +64,13 @@ class ServerStore(FeatureStore):
     def _ensure_vector_collection(self, name: str, size: int) -> None:
         if self._client.collection_exists(name):
             params = self._client.get_collection(name).config.params.vectors
-            existing = getattr(params, "size", None)
-            if existing != size:
-                raise ValueError(
-                    f"collection {name!r} holds {existing}-d vectors but the configured model makes "
-                    f"{size}-d ones: use a new store (QDRANT_PATH/QDRANT_URL) or the old model"
-                )
+            check_vector_size(name, getattr(params, "size", None), size)
             return
         # The server builds the HNSW index itself (its optimizer runs in the background).
         self._client.create_collection(
             name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE)
         )
-        self._index(name, (*INDEXED_FIELDS, "content_hash"))
+        self._index(name, CHUNK_INDEXED_FIELDS)
 
     def _index(self, collection: str, fields: Iterable[str]) -> None:
         if self._is_local:
@@ -97,7 +96,7 @@ class ServerStore(FeatureStore):
             records = self._client.retrieve(
                 collection, list(ids), with_vectors=with_vectors, with_payload=True
             )
-        return [_record(r) for r in records]
+        return [record_of(r.id, r.payload, r.vector) for r in records]
 
     def count(self, collection: str, where: Match | None = None) -> int:
         with self._lock:
@@ -123,7 +122,7 @@ class ServerStore(FeatureStore):
                 with_vectors=with_vectors,
                 with_payload=True,
             )
-        return [_record(r) for r in page], None if next_offset is None else str(next_offset)
+        return [record_of(r.id, r.payload, r.vector) for r in page], page_offset(next_offset)
 
     def search(
         self,
@@ -171,14 +170,4 @@ def _filter(where: Match | None) -> models.Filter | None:
             models.FieldCondition(key=key, match=models.MatchValue(value=value))
             for key, value in where.items()
         ]
-    )
-
-
-def _record(record: models.Record) -> Record:
-    vector = record.vector
-    # Payload-only collections come back as {} (no named vectors).
-    return Record(
-        id=str(record.id),
-        payload=record.payload or {},
-        vector=list(vector) if isinstance(vector, list) else None,  # type: ignore[arg-type]
     )

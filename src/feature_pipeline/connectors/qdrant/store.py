@@ -23,6 +23,8 @@ SYNC_STATE_COLLECTION = "feature_sync_state"
 #: Payload fields indexed (keyword) in every collection: what the sync looks up and what
 #: searches and `points` filter by.
 INDEXED_FIELDS = ("type", "entry_id", "author_id", "platform")
+#: ... and in the vector collections also the chunk's content hash (the sync reuses vectors by it).
+CHUNK_INDEXED_FIELDS = (*INDEXED_FIELDS, "content_hash")
 
 #: Equality conditions on payload fields, all of which must hold (e.g. {"type": "posts"}).
 Match = Mapping[str, str]
@@ -89,6 +91,30 @@ class SyncState:
             "deleted": self.deleted,
             "chunk_ids": sorted(self.chunk_ids),
         }
+
+
+def record_of(point_id: object, payload: Mapping[str, Any] | None, vector: object) -> Record:
+    """A store-neutral record from an engine's point: payload-only collections give their
+    vector as {} (no named vectors) or None, which both become None."""
+    return Record(
+        id=str(point_id),
+        payload=dict(payload or {}),
+        vector=list(vector) if isinstance(vector, list) else None,  # type: ignore[arg-type]
+    )
+
+
+def page_offset(next_offset: object) -> str | None:
+    """The next page's offset as the interface gives it (engines return ids of their own type)."""
+    return None if next_offset is None else str(next_offset)
+
+
+def check_vector_size(collection: str, existing: int | None, size: int) -> None:
+    """Refuse to write `size`-d vectors into a collection made for another size."""
+    if existing != size:
+        raise ValueError(
+            f"collection {collection!r} holds {existing}-d vectors but the configured model makes "
+            f"{size}-d ones: use a new store (QDRANT_PATH/QDRANT_URL) or the old model"
+        )
 
 
 class PointReader(Protocol):
