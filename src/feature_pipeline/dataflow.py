@@ -57,6 +57,8 @@ def build_dataflow(
     split = op.branch("split_dead_letters", processed, lambda x: isinstance(x, DocumentChange))
     changes: op.Stream[DocumentChange] = split.trues  # type: ignore[assignment]
     rejected: op.Stream[DeadLetter] = split.falses  # type: ignore[assignment]
+    if isinstance(features, FeatureStoreSink):  # a test may pass a plain sink
+        features.dead_letters_to(dead_letters)  # changes the store refuses go the same way
     op.output("write_features", op.key_on("by_document", changes, lambda c: c.key), features)
     op.output("write_dead_letters", op.key_on("by_source", rejected, lambda d: "dlq"), dead_letters)
     return flow

@@ -22,7 +22,8 @@ QUERY_STORE_WAIT_S = 3.0
 
 
 def check_models(settings: Settings, data_types: tuple[DataType, ...] = tuple(DataType)) -> None:
-    """Every configured model is a local folder, and its chunk size fits its window."""
+    """Every configured model is a local folder, and its chunk size fits its window (the one
+    place this is checked: before the model loads, from the folder's files)."""
     from feature_pipeline.processing.chunking import model_window
     from feature_pipeline.processing.embedding import ModelNotFound, resolve_model_path
 
@@ -33,8 +34,12 @@ def check_models(settings: Settings, data_types: tuple[DataType, ...] = tuple(Da
         except ModelNotFound as exc:
             raise SettingsError(f"{variable}: {exc}") from None
         window = model_window(path)
-        if window is None:  # the sink checks it again once the model is loaded
-            continue
+        if window is None:  # sentence-transformers could not load it either: say so now
+            raise SettingsError(
+                f"{variable}: {path} does not say how many word pieces the model reads "
+                "(max_seq_length in sentence_bert_config.json, or max_position_embeddings in "
+                "config.json and model_max_length in tokenizer_config.json)"
+            )
         max_seq_length, special = window
         limit = max_seq_length - special
         size = settings.chunk_size_for(data_type)

@@ -6,7 +6,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feature_pipeline.domain.events import Op
 from feature_pipeline.domain.features import Chunk, CleanedDocument
@@ -65,6 +65,9 @@ class DocumentChange(BaseModel):
     source: str = ""
     #: When its message was published (Unix seconds), if the producer said.
     published_at: float | None = None
+    #: Its message's body, unchanged: a change the store refuses is dead-lettered as it came, so
+    #: that `dlq replay` can send it again once the cause is fixed.
+    body: bytes = Field(default=b"", repr=False)
 
     @model_validator(mode="after")
     def _consistent(self) -> DocumentChange:

@@ -3,11 +3,18 @@
 1. The course's flat shape: the warehouse document itself (``_id`` removed) plus ``type`` and
    ``entry_id``. It means "upsert this document" and carries no version.
 2. Our envelope: ``{"op", "type", "entry_id", "document", "ts"}``.
+
+Parsing is strict where leniency would hurt: `ts` must be a JSON integer, JSON nested deeper than
+`MAX_JSON_DEPTH` or with an integer beyond Python's digit limit is an invalid event (never a
+handler crash), and lone surrogates (``"\\ud800"``, valid JSON but not encodable as UTF-8) are
+replaced by U+FFFD so that nothing downstream (store payloads, the server's JSON) chokes on them.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from enum import StrEnum
 from typing import Any
 
@@ -38,7 +45,8 @@ class ChangeEvent(BaseModel):
     document: dict[str, Any] | None = None
     #: Producer version, monotonic per document (MongoDB clusterTime, PostgreSQL LSN, ...).
     #: At most a signed 64-bit integer: the feature store keeps it as an integer payload.
-    ts: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    #: Strict: "123", true and 1.0 are refused rather than coerced (a producer bug to surface).
+    ts: int | None = Field(default=None, ge=0, le=2**63 - 1, strict=True)
 
     @model_validator(mode="after")
     def _document_matches_op(self) -> ChangeEvent:
@@ -58,6 +66,16 @@ class ChangeEvent(BaseModel):
 
 ENVELOPE_KEYS = frozenset({"op", "type", "entry_id", "document", "ts"})
 
+#: Deepest JSON nesting accepted (the message object itself is level 1); real documents stay
+#: far below it, and deeper input would only serve to exhaust the stack of some consumer.
+MAX_JSON_DEPTH = 64
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class _TooDeep(Exception):
+    pass
+
 
 def parse_event(body: bytes | str) -> ChangeEvent:
     """Parse a message body in either accepted shape; raise `InvalidEvent` saying what is wrong."""
@@ -65,8 +83,22 @@ def parse_event(body: bytes | str) -> ChangeEvent:
         data = json.loads(decode_body(body))
     except json.JSONDecodeError as exc:
         raise InvalidEvent(f"body is not valid JSON: {exc}") from None
+    except RecursionError:  # the C decoder recurses per level: ~1,000 levels exhaust the stack
+        raise InvalidEvent(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as exc:  # an integer literal beyond Python's digit limit, or similar
+        if "integer string conversion" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            raise InvalidEvent(f"body has an integer longer than {limit} digits") from None
+        raise InvalidEvent(f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise InvalidEvent(f"body must be a JSON object, got {type(data).__name__}")
+    if isinstance(data.get("entry_id"), str) and _SURROGATES.search(data["entry_id"]):
+        # Replacing it could merge two documents' identities: refuse instead.
+        raise InvalidEvent("entry_id contains a lone surrogate (not encodable as UTF-8)")
+    try:
+        data = _sanitised(data, 1)
+    except _TooDeep:
+        raise InvalidEvent(f"body is nested deeper than {MAX_JSON_DEPTH} levels") from None
     if "op" in data:
         unknown = set(data) - ENVELOPE_KEYS
         if unknown:
@@ -103,6 +135,27 @@ def decode_body(body: bytes | str) -> str:
         raise InvalidEvent(
             f"body is not UTF-8 at byte {exc.start} (0x{body[exc.start]:02x})"
         ) from None
+
+
+def replace_surrogates(text: str) -> str:
+    """`text` with every lone surrogate replaced by U+FFFD: encodable as UTF-8 and JSON."""
+    if text.isascii():  # O(1) in CPython: the common case costs nothing
+        return text
+    return _SURROGATES.sub("\ufffd", text)
+
+
+def _sanitised(value: Any, depth: int) -> Any:
+    """`value` with lone surrogates replaced in every string (keys too); `_TooDeep` past
+    `MAX_JSON_DEPTH` (checked before recursing, so the recursion itself stays shallow)."""
+    if isinstance(value, str):
+        return replace_surrogates(value)
+    if isinstance(value, dict | list):
+        if depth > MAX_JSON_DEPTH:
+            raise _TooDeep
+        if isinstance(value, list):
+            return [_sanitised(item, depth + 1) for item in value]
+        return {replace_surrogates(k): _sanitised(v, depth + 1) for k, v in value.items()}
+    return value
 
 
 def describe_validation_error(exc: ValidationError) -> str:

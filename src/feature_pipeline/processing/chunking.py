@@ -30,16 +30,28 @@ def load_tokenizer(model_path: str) -> Tokenizer:
 
 def model_window(model_path: str) -> tuple[int, int] | None:
     """(word pieces the model reads, special tokens among them) from the model folder's files,
-    without loading its weights; None when sentence_bert_config.json does not say."""
-    config = Path(model_path) / "sentence_bert_config.json"
-    if not config.is_file():
-        return None
-    max_seq_length = json.loads(config.read_text(encoding="utf-8")).get("max_seq_length")
-    if not isinstance(max_seq_length, int):
-        return None
+    without loading its weights, as sentence-transformers decides it: `max_seq_length` in
+    sentence_bert_config.json, else the smaller of config.json's `max_position_embeddings` and
+    tokenizer_config.json's `model_max_length`; None when none of them says."""
+    folder = Path(model_path)
+    max_seq_length = _json_field(folder / "sentence_bert_config.json", "max_seq_length")
+    if max_seq_length is None:
+        positions = _json_field(folder / "config.json", "max_position_embeddings")
+        tokenizer_limit = _json_field(folder / "tokenizer_config.json", "model_max_length")
+        if positions is None or tokenizer_limit is None:
+            return None
+        max_seq_length = min(positions, tokenizer_limit)
     post_processor = load_tokenizer(model_path).post_processor
     special = post_processor.num_special_tokens_to_add(False) if post_processor else 0
     return max_seq_length, special
+
+
+def _json_field(path: Path, name: str) -> int | None:
+    """An integer field of a JSON file; None when the file or the field is missing."""
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8")).get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 @dataclass(frozen=True)

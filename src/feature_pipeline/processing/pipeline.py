@@ -44,7 +44,7 @@ class DocumentProcessor:
         try:
             event = parse_event(message.body)
             return self.process_event(
-                event, source=message.source, published_at=message.published_at
+                event, source=message.source, published_at=message.published_at, body=message.body
             )
         except InvalidEvent as exc:
             return _dead_letter(message, "invalid_event", str(exc))
@@ -57,7 +57,11 @@ class DocumentProcessor:
             return _dead_letter(message, "handler_error", f"{type(exc).__name__}: {exc}")
 
     def process_event(
-        self, event: ChangeEvent, source: str = "", published_at: float | None = None
+        self,
+        event: ChangeEvent,
+        source: str = "",
+        published_at: float | None = None,
+        body: bytes = b"",
     ) -> DocumentChange:
         if event.is_delete:
             return DocumentChange(
@@ -67,6 +71,7 @@ class DocumentProcessor:
                 ts=event.ts,
                 source=source,
                 published_at=published_at,
+                body=body,
             )
         raw = registry.get(event.type, Step.PARSE)(event.document)
         cleaned = registry.get(event.type, Step.CLEAN)(raw, event.entry_id)
@@ -80,6 +85,7 @@ class DocumentProcessor:
             chunks=tuple(chunks),
             source=source,
             published_at=published_at,
+            body=body,
         )
 
 

@@ -2,6 +2,11 @@
 
 Every change of a document is routed (by its key) to the same partition, which alone writes
 that document: its version check and its writes cannot race another partition's.
+
+A store that is down (`STORE_ERRORS`) is retried with backoff, its messages unacknowledged. Any
+other exception from a write is taken as one document's fault: the batch is written again
+document by document, and a document that still fails is dead-lettered (`store_error`) through
+the dataflow's dead-letter sink while the rest apply, so no input can kill the process in a loop.
 """
 
 from __future__ import annotations
@@ -10,22 +15,23 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+from bytewax.outputs import FixedPartitionedSink, Sink, StatefulSinkPartition
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore, StoredChunk, SyncState
-from feature_pipeline.connectors.retry import retry_with_backoff
-from feature_pipeline.domain.changes import DocumentChange
+from feature_pipeline.connectors.retry import RetryInterrupted, describe_error, retry_with_backoff
+from feature_pipeline.domain.changes import DeadLetter, DocumentChange
+from feature_pipeline.domain.events import replace_surrogates
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics, metrics
-from feature_pipeline.processing.chunking import load_tokenizer
 from feature_pipeline.processing.embedding import (
     EmbedderFactory,
     EmbeddingModel,
     embedder_for,
     resolve_device,
 )
-from feature_pipeline.settings import Settings, SettingsError
+from feature_pipeline.redaction import redact
+from feature_pipeline.settings import Settings
 from feature_pipeline.sync import FeatureSync
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,18 @@ STORE_ERRORS: tuple[type[BaseException], ...] = (
     ConnectionError,
     TimeoutError,
 )
+
+#: A server's answers that refuse the request itself (its content), not the service: retrying
+#: cannot help. Others (5xx, 401/403, 404, 429) are the server's or the setup's state: retried.
+REFUSING_STATUSES = frozenset({400, 413, 422})
+
+
+class StoreRefused(Exception):
+    """The Qdrant server refused a write's content (`REFUSING_STATUSES`): not retried."""
+
+
+#: The dataflow's dead-letter sink (queue or file), which takes no resume state.
+DeadLetterSink = FixedPartitionedSink[DeadLetter, Any]
 
 
 def build_sync(
@@ -52,8 +70,6 @@ def build_sync(
     def model_for(data_type: DataType) -> EmbeddingModel:
         return embedders(settings, data_type)
 
-    for data_type in DataType:
-        check_chunk_size(settings, data_type, model_for(data_type))
     store.ensure_collections({t: model_for(t).dimension for t in DataType})
     batch_size = settings.embedding_batch_size_for(resolve_device(settings.embedding_device))
     return FeatureSync(store, model_for, counters, batch_size)
@@ -87,33 +103,89 @@ class TimedStore:
         return getattr(self._store, name)
 
 
-def check_chunk_size(settings: Settings, data_type: DataType, embedder: EmbeddingModel) -> None:
-    """Fail at start when chunks could exceed the model's window: it would truncate them silently."""
-    special = load_tokenizer(embedder.path).post_processor.num_special_tokens_to_add(False)
-    limit = embedder.max_seq_length - special
-    size = settings.chunk_size_for(data_type)
-    if size > limit:
-        raise SettingsError(
-            f"CHUNK_SIZE_{data_type.value.upper()}={size} exceeds what {embedder.name} reads: "
-            f"{embedder.max_seq_length} word pieces including {special} special tokens, so at "
-            f"most {limit}"
-        )
-
-
 class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
-    def __init__(self, sync: FeatureSync, on_written: Callable[[int], None] | None) -> None:
+    def __init__(
+        self,
+        sync: FeatureSync,
+        on_written: Callable[[int], None] | None,
+        dead_letters: Callable[[], StatefulSinkPartition[DeadLetter, Any]] | None = None,
+    ) -> None:
         self._sync = sync
         self._on_written = on_written
+        #: Builds a dead-letter partition on the first refused change (most runs need none):
+        #: it writes (publishes and confirms) before returning, so the epoch's ack stays safe.
+        self._make_dead_letters = dead_letters
+        self._dead_letters: StatefulSinkPartition[DeadLetter, Any] | None = None
 
     def write_batch(self, items: list[DocumentChange]) -> None:
-        retry_with_backoff(
-            lambda: self._sync.apply(items), "writing to the feature store", retry_on=STORE_ERRORS
-        )
+        try:
+            self._apply(items)
+            refused: list[DeadLetter] = []
+        except RetryInterrupted:
+            raise
+        except Exception as exc:
+            log.warning(
+                "writing %d changes to the feature store failed (%s): writing them document "
+                "by document",
+                len(items),
+                redact(describe_error(exc)),
+            )
+            refused = self._apply_each_document(items)
+        if refused:
+            self._dead_letter(refused)
         if self._on_written is not None:
-            self._on_written(len(items))
+            self._on_written(len(items) - len(refused))
+
+    def _apply(self, changes: list[DocumentChange]) -> None:
+        retry_with_backoff(
+            lambda: self._apply_once(changes), "writing to the feature store", retry_on=STORE_ERRORS
+        )
+
+    def _apply_once(self, changes: list[DocumentChange]) -> None:
+        try:
+            self._sync.apply(changes)
+        except UnexpectedResponse as exc:
+            if exc.status_code in REFUSING_STATUSES:
+                raise StoreRefused(describe_error(exc)) from exc
+            raise
+
+    def _apply_each_document(self, items: list[DocumentChange]) -> list[DeadLetter]:
+        """Apply each document's changes on their own; dead letters for those that still fail."""
+        by_document: dict[str, list[DocumentChange]] = {}
+        for change in items:
+            by_document.setdefault(change.key, []).append(change)
+        refused = []
+        for key, changes in by_document.items():
+            try:
+                self._apply(changes)
+            except RetryInterrupted:
+                raise
+            except Exception as exc:
+                # One line, no secret, encodable (it travels in a header or a JSON line).
+                reason = replace_surrogates(redact(describe_error(exc)))
+                log.warning("dead-lettering %s: the store refused it: %s", key, reason)
+                refused.extend(
+                    DeadLetter(
+                        source=c.source, body=c.body, reason=reason, error_type="store_error"
+                    )
+                    for c in changes
+                )
+        return refused
+
+    def _dead_letter(self, refused: list[DeadLetter]) -> None:
+        if self._make_dead_letters is None:
+            # Only where no dead-letter sink was wired in (a test's partition): never silently.
+            raise RuntimeError(f"the store refused {len(refused)} changes: {refused[0].reason}")
+        if self._dead_letters is None:
+            self._dead_letters = self._make_dead_letters()
+        self._dead_letters.write_batch(refused)
 
     def snapshot(self) -> None:
         return None
+
+    def close(self) -> None:
+        if self._dead_letters is not None:
+            self._dead_letters.close()
 
 
 class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
@@ -132,10 +204,23 @@ class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
         self._partitions = partitions
         self._on_written = on_written
         self._embedders = embedders
+        self._dead_letter_sink: DeadLetterSink | None = None
+
+    def dead_letters_to(self, sink: Sink[Any]) -> None:
+        """Send changes the store refuses to `sink`, the dataflow's dead-letter sink (one
+        partition of it per partition of this sink, built on first use)."""
+        if not isinstance(sink, FixedPartitionedSink):
+            raise TypeError(f"dead letters need a FixedPartitionedSink, got {type(sink).__name__}")
+        self._dead_letter_sink = sink
 
     def list_parts(self) -> list[str]:
         return [f"features-{i}" for i in range(self._partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _FeatureStorePartition:
         sync = build_sync(self._settings, embedders=self._embedders)
-        return _FeatureStorePartition(sync, self._on_written)
+        sink = self._dead_letter_sink
+        if sink is None:
+            return _FeatureStorePartition(sync, self._on_written)
+        return _FeatureStorePartition(
+            sync, self._on_written, lambda: sink.build_part(step_id, sink.list_parts()[0], None)
+        )
