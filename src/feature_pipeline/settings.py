@@ -80,6 +80,12 @@ class Settings(BaseSettings):
     chunk_size_repositories: int = Field(default=254, ge=16)
     chunk_overlap: int = Field(default=32, ge=0)
     max_repository_file_bytes: int = Field(default=256_000, ge=1)
+    #: Larger message bodies are dead-lettered (`too_large`) before any parsing or cleaning.
+    #: 64 MiB is ~6x the longest article we generated (10 MB, ~15,000 chunks).
+    max_document_bytes: int = Field(default=64 * 1024 * 1024, ge=1, le=2**31 - 1)
+    #: Documents that chunk into more are dead-lettered (`too_large`) before embedding: on a CPU
+    #: (~19 chunks/s) 200,000 chunks is about 3 hours of the only worker.
+    max_chunks_per_document: int = Field(default=200_000, ge=1)
 
     # Dataflow
     batch_size: int = Field(default=256, ge=1, le=10_000)

@@ -12,13 +12,20 @@ For one batch of changes (all owned by the calling sink partition):
    collection scan), write (or delete) the cleaned snapshot, and last the new version with the
    new chunk ids. A crash between these steps replays the change, every step is idempotent, and
    the state always lists every chunk the document has, so nothing is orphaned.
+
+Memory stays bounded however long a document is: steps 3-4 run on groups of documents of at most
+`SLICE_CHUNKS` chunks in all, smallest documents first, and a longer document is embedded and
+written `SLICE_CHUNKS` chunks at a time (embed a slice, write it, drop its vectors). Its state
+lists every chunk id before its first slice is written and the new version comes after its last,
+so a crash between slices leaves the same replayable state as a crash in step 4.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from feature_pipeline.connectors.qdrant.store import (
@@ -32,6 +39,12 @@ from feature_pipeline.domain.features import Chunk
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
 from feature_pipeline.processing.embedding import EmbeddingModel
+
+log = logging.getLogger(__name__)
+
+#: Chunks embedded and written at a time: bounds the vectors and points held in memory, and how
+#: long the small documents of a batch wait behind a long one (~25 s on a 2-core CPU).
+SLICE_CHUNKS = 512
 
 
 @dataclass(frozen=True)
@@ -104,14 +117,56 @@ class FeatureSync:
         ]
         stale = len(newest) - len(todo)
 
-        planned = {c.key: self._plan_chunks(c) for c in todo if c.cleaned is not None}
-        embedded, reused = self._fill_vectors([p for plan in planned.values() for p in plan])
-
+        # Smallest first: the batch's short documents are written before a long one starts.
+        todo.sort(key=lambda c: len(c.chunks))
         previous = {c.key: states.get(document_point_id(c.type, c.entry_id)) for c in todo}
-        new_ids = {c.key: frozenset(i.point_id for i in planned.get(c.key, [])) for c in todo}
-        self._record_pending_chunks(todo, previous, new_ids)
+        planned: dict[str, list[_PlannedChunk]] = {}
+        embedded = reused = 0
+        for group in _groups(todo, SLICE_CHUNKS):
+            group_embedded, group_reused = self._apply_group(group, previous, planned)
+            embedded += group_embedded
+            reused += group_reused
+
+        self._count(changes, newest, todo, planned, time.perf_counter() - started)
+        return ApplyReport(len(todo), superseded, stale, embedded, reused)
+
+    def _apply_group(
+        self,
+        group: list[DocumentChange],
+        previous: dict[str, SyncState | None],
+        planned: dict[str, list[_PlannedChunk]],
+    ) -> tuple[int, int]:
+        """Steps 3-4 for a group of documents, their chunks embedded and written a slice at a
+        time; adds the group's plans to `planned`. Returns (embedded, reused)."""
+        plans = {c.key: self._plan_chunks(c) for c in group if c.cleaned is not None}
+        planned.update(plans)
+        new_ids = {c.key: frozenset(i.point_id for i in plans.get(c.key, [])) for c in group}
+        self._record_pending_chunks(group, previous, new_ids)
+
+        items = [item for c in group for item in plans.get(c.key, [])]
+        started = time.perf_counter()
+        embedded = reused = 0
+        for begin in range(0, len(items), SLICE_CHUNKS):
+            part = items[begin : begin + SLICE_CHUNKS]
+            part_embedded, part_reused = self._fill_vectors(part)
+            embedded += part_embedded
+            reused += part_reused
+            self._write_chunks(part)
+            for item in part:
+                item.vector = None  # written: a long document's vectors must not pile up
+            if len(items) > SLICE_CHUNKS:  # one long document: its group holds only it
+                log.info(
+                    "long document %s: %d/%d chunks written (%d embedded, %d reused), %.0f s",
+                    group[0].key,
+                    begin + len(part),
+                    len(items),
+                    embedded,
+                    reused,
+                    time.perf_counter() - started,
+                )
+
         by_type: dict[DataType, list[DocumentChange]] = defaultdict(list)
-        for change in todo:
+        for change in group:
             by_type[change.type].append(change)
         for data_type, type_changes in by_type.items():
             stale_ids = [
@@ -119,11 +174,9 @@ class FeatureSync:
                 for c in type_changes
                 for point_id in _chunk_ids(previous[c.key]) - new_ids[c.key]
             ]
-            self._write(data_type, type_changes, planned, stale_ids)
-        self._write_states(todo, previous, new_ids)
-
-        self._count(changes, newest, todo, planned, time.perf_counter() - started)
-        return ApplyReport(len(todo), superseded, stale, embedded, reused)
+            self._write_documents(data_type, type_changes, stale_ids)
+        self._write_states(group, previous, new_ids)
+        return embedded, reused
 
     def _count(
         self,
@@ -200,20 +253,21 @@ class FeatureSync:
             embedded += len(items)
         return embedded, reused
 
-    def _write(
-        self,
-        data_type: DataType,
-        changes: list[DocumentChange],
-        planned: dict[str, list[_PlannedChunk]],
-        stale_ids: list[str],
+    def _write_chunks(self, items: list[_PlannedChunk]) -> None:
+        """Upsert the chunks whose stored point differs (new text, new payload)."""
+        by_collection: dict[str, list[Point]] = defaultdict(list)
+        for item in items:
+            if not item.unchanged:
+                by_collection[item.chunk.type.vector_collection].append(
+                    Point(id=item.point_id, payload=item.payload(), vector=item.vector or [])
+                )
+        for collection, points in by_collection.items():
+            self._store.upsert(collection, points)
+
+    def _write_documents(
+        self, data_type: DataType, changes: list[DocumentChange], stale_ids: list[str]
     ) -> None:
-        chunk_points = [
-            Point(id=item.point_id, payload=item.payload(), vector=item.vector or [])
-            for change in changes
-            for item in planned.get(change.key, [])
-            if not item.unchanged
-        ]
-        self._store.upsert(data_type.vector_collection, chunk_points)
+        """Delete the old chunks not in the new versions, then write or delete the snapshots."""
         self._store.delete_ids(data_type.vector_collection, stale_ids)
         cleaned_points = [
             Point(
@@ -267,6 +321,20 @@ class FeatureSync:
             )
             points.append(_state_point(change, state))
         self._store.upsert(SYNC_STATE_COLLECTION, points)
+
+
+def _groups(changes: list[DocumentChange], limit: int) -> Iterator[list[DocumentChange]]:
+    """Consecutive documents of at most `limit` chunks in all; a longer one alone."""
+    group: list[DocumentChange] = []
+    size = 0
+    for change in changes:
+        if group and size + len(change.chunks) > limit:
+            yield group
+            group, size = [], 0
+        group.append(change)
+        size += len(change.chunks)
+    if group:
+        yield group
 
 
 def _chunk_ids(state: SyncState | None) -> frozenset[str]:

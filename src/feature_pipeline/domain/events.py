@@ -34,6 +34,11 @@ class InvalidEvent(ValueError):
     """The message can never be processed as it is (poison): it goes to the dead-letter queue."""
 
 
+class DocumentTooLarge(ValueError):
+    """The message is beyond a size limit (MAX_DOCUMENT_BYTES, MAX_CHUNKS_PER_DOCUMENT): it is
+    dead-lettered as `too_large`, with the sizes, instead of holding the worker for hours."""
+
+
 class ChangeEvent(BaseModel):
     """One change of one warehouse document. `document` is the whole new document (not a diff)."""
 
@@ -77,8 +82,15 @@ class _TooDeep(Exception):
     pass
 
 
-def parse_event(body: bytes | str) -> ChangeEvent:
-    """Parse a message body in either accepted shape; raise `InvalidEvent` saying what is wrong."""
+def parse_event(body: bytes | str, max_bytes: int | None = None) -> ChangeEvent:
+    """Parse a message body in either accepted shape; raise `InvalidEvent` saying what is wrong,
+    or `DocumentTooLarge` for a body over `max_bytes` (checked before the JSON is read)."""
+    if max_bytes is not None:
+        size = len(body) if isinstance(body, bytes) else len(body.encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            raise DocumentTooLarge(
+                f"message body is {size:,} bytes, over MAX_DOCUMENT_BYTES ({max_bytes:,})"
+            )
     try:
         data = json.loads(decode_body(body))
     except json.JSONDecodeError as exc:

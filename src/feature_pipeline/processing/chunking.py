@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import unicodedata
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,13 @@ from feature_pipeline.domain.features import Chunk, CleanedDocument, content_has
 PROSE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", ". ", "! ", "? ", " ")
 #: Cut preferences for files of a language langchain has no separators for.
 DEFAULT_CODE_SEPARATORS: tuple[str, ...] = ("\n\n", "\n", " ")
+#: A longer text is tokenized in pieces of about this many characters, cut at whitespace: a
+#: 10 MB article tokenized whole, with Python lists of its offsets, took chunking to a 1.7 GB
+#: peak (docs/benchmark.md).
+PIECE_CHARS = 100_000
+#: Characters of short texts tokenized per `encode_batch` call, so that a 5,000-file repository
+#: is not held as 5,000 encodings at once.
+BATCH_CHARS = 1_000_000
 
 
 def load_tokenizer(model_path: str) -> Tokenizer:
@@ -136,7 +145,9 @@ class _Separator:
 class _Tokens:
     """One tokenization of a text: token offsets and pre-tokenizer word of each token."""
 
-    def __init__(self, text: str, starts: list[int], ends: list[int], words: list[int]) -> None:
+    def __init__(
+        self, text: str, starts: Sequence[int], ends: Sequence[int], words: Sequence[int]
+    ) -> None:
         self.text = text
         self.starts = starts
         self.ends = ends
@@ -188,6 +199,13 @@ class TokenSplitter:
         # Below half a chunk, a cut at a good separator is not worth a tiny chunk.
         self._min_fill = max(1, max_tokens // 2)
         self._word_local = _is_word_local(tokenizer)
+        # One int object per vocabulary id, shared by every chunk's ids: a fresh 28-byte int
+        # per id was ~7 KB of each chunk (a 10 MB article makes ~13,000 chunks).
+        self._ints = tuple(range(tokenizer.get_vocab_size(with_added_tokens=True)))
+
+    def _interned(self, ids: Iterable[int]) -> tuple[int, ...]:
+        ints, known = self._ints, len(self._ints)
+        return tuple(ints[i] if 0 <= i < known else i for i in ids)
 
     def count_tokens(self, text: str) -> int:
         return len(self._ids(text))
@@ -211,40 +229,95 @@ class TokenSplitter:
         return self.split_many([SplitRequest(text, tuple(separators), offset, keep_indentation)])[0]
 
     def split_many(self, requests: Sequence[SplitRequest]) -> list[list[TextSpan]]:
-        """`split` of each request; the texts are tokenized in one batch, on every core (the
-        tokenizer's Rust threads, without the GIL): tokenizing is most of the chunker's time."""
-        texts = [r.text if r.text.strip() else "" for r in requests]
+        """`split` of each request; the texts are tokenized in batches, on every core (the
+        tokenizer's Rust threads, without the GIL): tokenizing is most of the chunker's time.
+        Batches hold about BATCH_CHARS characters, and a text longer than PIECE_CHARS is
+        tokenized on its own, piece by piece, so memory stays bounded for any input."""
+        results: list[list[TextSpan]] = [[] for _ in requests]
+        batch: list[int] = []
+        batch_chars = 0
+        for index, request in enumerate(requests):
+            if not request.text.strip():
+                continue
+            if len(request.text) > PIECE_CHARS and self._word_local:
+                results[index] = self._split_long(request)
+                continue
+            batch.append(index)
+            batch_chars += len(request.text)
+            if batch_chars >= BATCH_CHARS:
+                self._split_batch(requests, batch, results)
+                batch, batch_chars = [], 0
+        self._split_batch(requests, batch, results)
+        return results
+
+    def _split_batch(
+        self, requests: Sequence[SplitRequest], batch: list[int], results: list[list[TextSpan]]
+    ) -> None:
+        texts = [requests[i].text for i in batch]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [
-            self._split_encoded(r, encoding) if text else []
-            for r, text, encoding in zip(requests, texts, encodings, strict=True)
-        ]
+        for index, encoding in zip(batch, encodings, strict=True):
+            results[index] = self._split_encoded(requests[index], encoding)
+
+    def _split_long(self, request: SplitRequest) -> list[TextSpan]:
+        """`split` of a long text, tokenized in whitespace-bounded pieces into compact arrays.
+        Only for a word-local tokenizer: cut at whitespace, the pieces tokenize exactly as the
+        whole text does, so the chunks are the same."""
+        text = request.text
+        # 4-byte ints (16 bytes a token, not ~100 in lists of tuples): texts stay under 2**31
+        # characters (MAX_DOCUMENT_BYTES is capped there).
+        starts, ends, words, ids = array("i"), array("i"), array("i"), array("i")
+        word_base = 0
+        pieces = _pieces(text, PIECE_CHARS)
+        # A few pieces per call keep the tokenizer's threads busy without holding them all.
+        for first in range(0, len(pieces), 8):
+            group = pieces[first : first + 8]
+            encodings = self.tokenizer.encode_batch(
+                [text[a:b] for a, b in group], add_special_tokens=False
+            )
+            for (piece_start, _), encoding in zip(group, encodings, strict=True):
+                word_ids = [-1 if w is None else w for w in encoding.word_ids]
+                for start, end in encoding.offsets:
+                    starts.append(start + piece_start)
+                    ends.append(end + piece_start)
+                words.extend(w + word_base if w >= 0 else -1 for w in word_ids)
+                ids.extend(encoding.ids)
+                word_base += max(word_ids, default=-1) + 1
+        if not starts:
+            return self._split_encoded(
+                request, self.tokenizer.encode(text, add_special_tokens=False)
+            )
+        return self._split_tokens(request, _Tokens(text, starts, ends, words), ids)
 
     def _split_encoded(self, request: SplitRequest, encoding: Encoding) -> list[TextSpan]:
-        text, offset, keep_indentation = request.text, request.offset, request.keep_indentation
-        separators = request.separators
+        text = request.text
         offsets = encoding.offsets
         if not offsets:
             # Only characters the tokenizer ignores (control characters): zero tokens, one chunk.
-            start, end = _trim(text, 0, len(text), keep_indentation)
-            return [TextSpan(start + offset, end + offset, text[start:end], ())]
+            start, end = _trim(text, 0, len(text), request.keep_indentation)
+            return [TextSpan(start + request.offset, end + request.offset, text[start:end], ())]
         starts, ends = zip(*offsets, strict=True)
         # Only special tokens have no word, and they are not added here.
         words = [-1 if word is None else word for word in encoding.word_ids]
         tokens = _Tokens(text, starts=list(starts), ends=list(ends), words=words)
+        return self._split_tokens(request, tokens, encoding.ids)
+
+    def _split_tokens(
+        self, request: SplitRequest, tokens: _Tokens, ids: Sequence[int]
+    ) -> list[TextSpan]:
+        text, offset = request.text, request.offset
         # "" (langchain's "cut anywhere") is what the token-boundary fallback already does.
-        parsed = [_Separator.parse(s) for s in separators if s]
-        packed = self._pack(tokens, parsed, keep_indentation, encoding.ids)
+        parsed = [_Separator.parse(s) for s in request.separators if s]
+        packed = self._pack(tokens, parsed, request.keep_indentation, ids)
         # The few chunks whose ids the whole-text tokenization cannot give: one batch call.
-        unknown = [i for i, (_, _, ids) in enumerate(packed) if ids is None]
+        unknown = [i for i, (_, _, chunk_ids) in enumerate(packed) if chunk_ids is None]
         if unknown:
             texts = [text[packed[i][0] : packed[i][1]] for i in unknown]
             encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
             for i, made in zip(unknown, encodings, strict=True):
-                packed[i] = (packed[i][0], packed[i][1], tuple(made.ids))
+                packed[i] = (packed[i][0], packed[i][1], self._interned(made.ids))
         return [
-            TextSpan(start + offset, end + offset, text[start:end], ids)
-            for start, end, ids in packed
+            TextSpan(start + offset, end + offset, text[start:end], chunk_ids)
+            for start, end, chunk_ids in packed
         ]
 
     def _pack(
@@ -252,7 +325,7 @@ class TokenSplitter:
         tokens: _Tokens,
         separators: list[_Separator],
         keep_indentation: bool,
-        ids: list[int],
+        ids: Sequence[int],
     ) -> list[tuple[int, int, tuple[int, ...] | None]]:
         """Greedy packing over token indexes; returns trimmed character ranges and, where the
         whole text's tokenization gives them exactly, the chunk's ids (else None)."""
@@ -269,13 +342,13 @@ class TokenSplitter:
                     recounted = self._ids(tokens.text[start:end])
                     excess = len(recounted) - self.max_tokens
                     if excess <= 0 or last - first == 1:
-                        chunk_ids = recounted
+                        chunk_ids = self._interned(recounted)
                         break
                     last = max(first + 1, last - excess)
                     start, end = _char_range(tokens, first, last, keep_indentation)
             elif _only_whitespace_around(tokens, first, last, start, end):
                 # Between words of a word-local tokenizer: the text alone makes the same pieces.
-                chunk_ids = tuple(ids[first:last])
+                chunk_ids = self._interned(ids[first:last])
             if excess > 0:
                 # A lone word piece that re-tokenizes past a tiny limit: cut it by characters.
                 ranges.extend(
@@ -379,6 +452,35 @@ def _best_boundary(
     if words:
         return min(words, key=lambda j: (abs(j - target), -j))
     return target
+
+
+def _pieces(text: str, size: int) -> list[tuple[int, int]]:
+    """Consecutive ranges covering `text`, each about `size` characters, each cut just after a
+    whitespace character and before one that is neither whitespace nor a combining mark (a mark
+    there would join the previous word), so no word is cut; a piece grows until such a place."""
+    pieces = []
+    start = 0
+    while len(text) - start > size:
+        cut = start + size
+        while cut < len(text) and not _is_piece_cut(text, cut):
+            cut += 1
+        if cut >= len(text):
+            break
+        pieces.append((start, cut))
+        start = cut
+    pieces.append((start, len(text)))
+    return pieces
+
+
+def _is_piece_cut(text: str, position: int) -> bool:
+    # Only the whitespace BERT's normalizer keeps as a separator: Python's isspace() also takes
+    # control characters (\x1c, \x85) that the normalizer deletes, joining the words around them.
+    after = text[position]
+    return (
+        text[position - 1] in " \t\n\r"
+        and after not in " \t\n\r"
+        and not unicodedata.category(after).startswith(("M", "C", "Z"))
+    )
 
 
 def _trim(text: str, start: int, end: int, keep_indentation: bool) -> tuple[int, int]:

@@ -11,6 +11,7 @@ import feature_pipeline.processing.handlers  # noqa: F401  (registers every data
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
 from feature_pipeline.domain.events import (
     ChangeEvent,
+    DocumentTooLarge,
     InvalidEvent,
     describe_validation_error,
     parse_event,
@@ -42,10 +43,12 @@ class DocumentProcessor:
     def process(self, message: InboundMessage) -> DocumentChange | DeadLetter:
         """Never raises for bad input: every problem with the message becomes a dead letter."""
         try:
-            event = parse_event(message.body)
+            event = parse_event(message.body, max_bytes=self._settings.max_document_bytes)
             return self.process_event(
                 event, source=message.source, published_at=message.published_at, body=message.body
             )
+        except DocumentTooLarge as exc:
+            return _dead_letter(message, "too_large", str(exc))
         except InvalidEvent as exc:
             return _dead_letter(message, "invalid_event", str(exc))
         except ValidationError as exc:
@@ -76,6 +79,12 @@ class DocumentProcessor:
         raw = registry.get(event.type, Step.PARSE)(event.document)
         cleaned = registry.get(event.type, Step.CLEAN)(raw, event.entry_id)
         chunks = registry.get(event.type, Step.CHUNK)(cleaned, self.splitter_for(event.type))
+        limit = self._settings.max_chunks_per_document
+        if len(chunks) > limit:
+            raise DocumentTooLarge(
+                f"document makes {len(chunks):,} chunks ({len(cleaned.cleaned_content):,} "
+                f"characters cleaned), over MAX_CHUNKS_PER_DOCUMENT ({limit:,})"
+            )
         return DocumentChange(
             op=event.op,
             type=event.type,
