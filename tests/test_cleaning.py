@@ -8,6 +8,7 @@ from feature_pipeline.processing.cleaning import (
     URL_PLACEHOLDER,
     clean_code,
     clean_text,
+    looks_binary,
     should_index_file,
 )
 
@@ -141,6 +142,22 @@ def test_binary_files_are_skipped() -> None:
     assert not should_index_file("logo.png", "\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", 1000)
     assert not should_index_file("blob.dat", "\x01\x02\x03\x04\x05abc\x06\x07\x08", 1000)
     assert should_index_file("notes.txt", "Grüße, 東京!\n\tindented\n", 1000)
+
+
+@pytest.mark.parametrize(
+    ("controls", "binary"),
+    [(0, False), (10, False), (11, True), (50, True)],
+)
+def test_looks_binary_counts_non_printable_characters_past_a_tenth(
+    controls: int, binary: bool
+) -> None:
+    # 100 characters: `controls` of them non-printable (a form feed, a bell, a zero-width
+    # joiner, ...); the whitespace a text file has anyway never counts.
+    others = "\x07\x1b\u200d\x0b\x7f"
+    text = "".join(others[i % len(others)] for i in range(controls))
+    text += "\n\r\t\fab" + "x" * (94 - controls)
+    assert len(text) == 100
+    assert looks_binary(text) is binary
 
 
 def test_oversized_files_are_skipped_by_utf8_length() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -351,6 +352,10 @@ def prepare_service(
         start_progress_log(status, metrics, settings.progress_log_s)
     # Open the store and load the models before consuming, so a bad setting fails at start.
     build_sync(settings, embedders=embedders)
+    # The models' and libraries' objects live as long as the process: moved out of the
+    # collector's generations, full collections (triggered by the many small objects each
+    # batch makes) no longer walk them all.
+    gc.freeze()
     readiness.ready("model")
     flow = build_dataflow(
         settings,
@@ -418,6 +423,7 @@ def _cmd_backfill(args: argparse.Namespace) -> int:
     source = JsonLinesSource(args.files, data_type, batch_size=settings.batch_size)
     check_service(settings, query_server=False)
     build_sync(settings)
+    gc.freeze()  # as in `serve`: the models' objects stay out of every collection
     total = count_lines(args.files)
     bar = tqdm(total=total, unit="doc", desc="indexing", disable=args.no_progress)
     bar_lock = threading.Lock()

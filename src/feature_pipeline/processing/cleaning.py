@@ -135,6 +135,8 @@ MINIFIED_SUFFIXES = (".min.js", ".min.css", ".min.mjs")
 # Share of non-printable characters above which a decoded file is taken for binary data.
 _MAX_NON_PRINTABLE_SHARE = 0.1
 _BINARY_SNIFF_CHARS = 8192
+#: The non-printable characters a text file has anyway, deleted before the quick check.
+_ALLOWED_CONTROLS = str.maketrans("", "", "\n\r\t\f")
 
 
 def looks_binary(text: str) -> bool:
@@ -143,6 +145,10 @@ def looks_binary(text: str) -> bool:
     if "\x00" in sample:
         return True
     if not sample:
+        return False
+    # Nearly every file is all printable but for its whitespace: one C-level check says so
+    # without looking at each character in Python.
+    if sample.translate(_ALLOWED_CONTROLS).isprintable():
         return False
     non_printable = sum(1 for char in sample if not char.isprintable() and char not in "\n\r\t\f")
     return non_printable / len(sample) > _MAX_NON_PRINTABLE_SHARE
