@@ -209,6 +209,11 @@ def queue_depths(settings: Settings) -> int:
     return sum(queue_depth(settings, q) for q in [settings.rabbitmq_queue, *settings.shard_queues])
 
 
+def drained(pipeline: PipelineProcess, settings: Settings) -> bool:
+    """Nothing ready in the queues and nothing delivered to the pipeline left unacknowledged."""
+    return queue_depths(settings) == 0 and pipeline.metrics().get("messages_unacked") == 0
+
+
 @pytest.mark.parametrize("seed", [7, 2024])
 def test_kill_9_in_the_middle_of_a_sequence(seed: int, tmp_path: Path) -> None:
     settings = oracle_settings(tmp_path, "qdrant")
@@ -237,7 +242,7 @@ def test_kill_9_in_the_middle_of_a_sequence(seed: int, tmp_path: Path) -> None:
         # Restart (with two workers this time) until every message is acknowledged.
         for _ in range(5):
             again = PipelineProcess(settings, log, workers=2).start()
-            again.wait_for(lambda p: queue_depths(settings) == 0, what="the queues to drain")
+            again.wait_for(lambda p: drained(p, settings), what="the queues to drain")
             assert again.stop() == 0
             if queue_depths(settings) == 0:
                 break

@@ -329,7 +329,7 @@ def prepare_service(
     from feature_pipeline.metrics import metrics
     from feature_pipeline.processing.embedding import embedder_for
     from feature_pipeline.query_server import start_query_server
-    from feature_pipeline.startup import check_service
+    from feature_pipeline.startup import check_broker, check_service
     from feature_pipeline.status import StatusReader, readiness, start_progress_log
 
     embedders = embedders or embedder_for
@@ -342,6 +342,7 @@ def prepare_service(
     signals = _stop_on_signals(stop)
     query_server = query_server and bool(settings.query_port)
     check_service(settings, query_server=query_server)
+    check_broker(settings)
     readiness.waiting("model", "loading the embedding models")
     readiness.waiting("broker", "not consuming yet")
     # The status page and /health answer while the models load.

@@ -39,6 +39,7 @@ COUNTERS = {
     "events_superseded": "Changes skipped because a newer change of the document was in the batch.",
     "events_stale": "Changes skipped because the store already holds a newer or equal version.",
     "dead_letters": "Messages sent to the dead-letter queue.",
+    "dead_letters_repeated": "Redelivered poison messages not dead-lettered again (sent before).",
     "chunks_embedded": "Chunks run through an embedding model.",
     "chunks_reused": "Chunks whose stored vector was kept (same text, same model).",
     "apply_seconds": "Seconds spent applying changes to the feature store, embedding included.",
@@ -100,6 +101,13 @@ class Metrics:
         self.queue_depth = Gauge(
             PREFIX + "queue_depth",
             "Messages ready in a queue (read from the broker when scraped or shown).",
+            ["queue"],
+            registry=self.registry,
+        )
+        self.messages_unacked = Gauge(
+            PREFIX + "messages_unacked",
+            "Messages the broker delivered to this process and that are not yet acknowledged "
+            "(buffered, in flight, or written and awaiting the epoch's ack).",
             ["queue"],
             registry=self.registry,
         )
@@ -180,7 +188,13 @@ class Metrics:
     def in_flight(self) -> float:
         handled = sum(
             self.get(n)
-            for n in ("events_applied", "events_superseded", "events_stale", "dead_letters")
+            for n in (
+                "events_applied",
+                "events_superseded",
+                "events_stale",
+                "dead_letters",
+                "dead_letters_repeated",
+            )
         )
         return max(0.0, self.get("events_received") - handled)
 
@@ -207,20 +221,24 @@ class Metrics:
 
 
 def totals_from_text(text: str) -> dict[str, float]:
-    """`{counter: total}` from Prometheus text: every `feature_pipeline_*_total` series summed
-    over its labels (for scripts and tests that read a running pipeline's /metrics)."""
+    """`{name: total}` from Prometheus text: every `feature_pipeline_*_total` counter and every
+    `feature_pipeline_*` gauge, summed over its labels (for scripts and tests that read a
+    running pipeline's /metrics)."""
     totals: dict[str, float] = {}
+    gauges: set[str] = set()
     for line in text.splitlines():
         declared = line.split()
         if declared[:2] == ["#", "TYPE"] and declared[2].startswith(PREFIX):
             if declared[3] == "counter":  # 0 until a labelled counter's first sample
                 totals.setdefault(declared[2].removeprefix(PREFIX).removesuffix("_total"), 0.0)
+            elif declared[3] == "gauge":
+                gauges.add(declared[2])
             continue
         if not line.startswith(PREFIX):
             continue
         series, value = line.rsplit(" ", 1)
         name = series.split("{", 1)[0]
-        if name.endswith("_total"):
+        if name.endswith("_total") or name in gauges:
             key = name.removeprefix(PREFIX).removesuffix("_total")
             totals[key] = totals.get(key, 0.0) + float(value)
     return totals

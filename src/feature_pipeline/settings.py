@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     rabbitmq_shards: int = Field(default=4, ge=0, le=256)
     rabbitmq_prefetch: int = Field(default=10_000, ge=1, le=65_535)
     rabbitmq_heartbeat_s: int = Field(default=600, ge=0)
+    #: Bytes delivered and not yet acked, per queue, beyond which the source takes no more.
+    rabbitmq_prefetch_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
 
     # Feature store
     qdrant_path: Path = Path("./data/qdrant")

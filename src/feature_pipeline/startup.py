@@ -7,6 +7,7 @@ store folder or the Qdrant server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import warnings
@@ -109,6 +110,31 @@ def wait_for_store_server(
             f"({redact(describe_error(exc))}). Start it, fix QDRANT_URL (or QDRANT_API_KEY), or "
             "unset QDRANT_URL to use the embedded store at QDRANT_PATH."
         ) from None
+
+
+def check_broker(settings: Settings) -> None:
+    """The broker accepts RABBITMQ_URL's credentials and the topology (the consistent-hash
+    plugin). A broker that does not answer yet is no error here: `run` waits for it."""
+    from pika.exceptions import AMQPConnectionError, AMQPError
+
+    from feature_pipeline.connectors.rabbitmq.publisher import BrokerRefused, connect
+    from feature_pipeline.connectors.rabbitmq.topology import declare_topology
+
+    try:
+        connection = connect(settings, attempts=1)
+    except BrokerRefused as exc:
+        raise SettingsError(f"RABBITMQ_URL: {exc.reason} ({exc.url})") from None
+    except AMQPConnectionError as exc:
+        logging.getLogger(__name__).warning(
+            "RabbitMQ does not answer yet (%s); `run` waits for it", redact(describe_error(exc))
+        )
+        return
+    try:
+        declare_topology(connection.channel(), settings)  # a TopologyError says what to fix
+    finally:
+        if connection.is_open:
+            with contextlib.suppress(AMQPError):
+                connection.close()
 
 
 def check_service(settings: Settings, *, query_server: bool) -> None:

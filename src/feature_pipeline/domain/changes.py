@@ -39,6 +39,10 @@ class InboundMessage:
     source: str
     body: bytes
     published_at: float | None = None
+    #: The producer's own stamp of this message (message-id, else its publish time), if any.
+    stamp: str | None = None
+    #: The broker delivered it before (a crash or a lost connection put it back).
+    redelivered: bool = False
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ class DeadLetter:
     body: bytes
     reason: str
     error_type: str
+    stamp: str | None = None
+    redelivered: bool = False
 
 
 class DocumentChange(BaseModel):

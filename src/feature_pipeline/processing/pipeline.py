@@ -108,5 +108,10 @@ class DocumentProcessor:
 def _dead_letter(message: InboundMessage, error_type: str, reason: str) -> DeadLetter:
     log.warning("dead-lettering a message from %s: %s: %s", message.source, error_type, reason)
     return DeadLetter(
-        source=message.source, body=message.body, reason=reason, error_type=error_type
+        source=message.source,
+        body=message.body,
+        reason=reason,
+        error_type=error_type,
+        stamp=message.stamp,
+        redelivered=message.redelivered,
     )

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
-from pika.exceptions import AMQPConnectionError, ProbableAuthenticationError
+from pika.exceptions import (
+    AMQPConnectionError,
+    ProbableAccessDeniedError,
+    ProbableAuthenticationError,
+)
 
 from feature_pipeline.connectors.rabbitmq.topology import (
     declare_topology,
@@ -26,32 +31,75 @@ log = logging.getLogger(__name__)
 JSON = "application/json"
 #: When the message was published, in microseconds since the epoch (the pipeline's freshness).
 PUBLISHED_AT_HEADER = "x-published-at-us"
+#: Who a dead letter is: the same poison message always gets the same id (see dead_letters.py).
+DEAD_LETTER_ID_HEADER = "x-dead-letter-id"
 #: AMQP short strings cap header values; a reason longer than this is cut.
 MAX_REASON_CHARS = 4_000
 
 
+class BrokerRefused(AMQPConnectionError):
+    """The broker answered and refused RABBITMQ_URL's credentials or virtual host: retrying
+    helps only once someone fixes the URL or the broker's users. One line, with no password."""
+
+    def __init__(self, reason: str, url: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.url = redact(url)
+
+    def __str__(self) -> str:
+        return f"RabbitMQ at {self.url} (RABBITMQ_URL): {self.reason}"
+
+
+def refusal(settings: Settings, exc: AMQPConnectionError) -> BrokerRefused | None:
+    """What a failed connect means when the broker refused the login or the virtual host."""
+    params = pika.URLParameters(settings.rabbitmq_url)
+    user = getattr(params.credentials, "username", "?")
+    if isinstance(exc, ProbableAuthenticationError):
+        reason = f"the broker refused the credentials for user {user!r}"
+    elif isinstance(exc, ProbableAccessDeniedError):
+        reason = f"the broker refused user {user!r} access to virtual host {params.virtual_host!r}"
+    else:
+        return None
+    return BrokerRefused(reason, settings.rabbitmq_url)
+
+
 def connect(
-    settings: Settings, *, attempts: int | None = 1, stop: threading.Event | None = None
+    settings: Settings,
+    *,
+    attempts: int | None = 1,
+    stop: threading.Event | None = None,
+    on_error: Callable[[AMQPConnectionError], None] | None = None,
 ) -> BlockingConnection:
     """Open a blocking connection, retrying with backoff while the broker is down (`attempts`
-    None: until it answers or `stop` is set, which raises `RetryInterrupted`)."""
+    None: until it answers or `stop` is set, which raises `RetryInterrupted`). A refused login
+    is retried too (someone may fix the broker's users), logged as such on each attempt;
+    `on_error` hears of every failed attempt (the readiness report)."""
     params = pika.URLParameters(settings.rabbitmq_url)
     params.heartbeat = settings.rabbitmq_heartbeat_s
     params.blocked_connection_timeout = 300
+    # Named, so an operator (or a test) can tell this process's connections apart on the broker.
+    params.client_properties = {"connection_name": f"feature-pipeline pid {os.getpid()}"}
+
+    def attempt() -> BlockingConnection:
+        try:
+            return pika.BlockingConnection(params)
+        except AMQPConnectionError as exc:
+            error = refusal(settings, exc) or exc
+            if on_error is not None:
+                on_error(error)
+            raise error from None
+
     try:
         return retry_with_backoff(
-            lambda: pika.BlockingConnection(params),
+            attempt,
             f"connecting to RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL)",
             retry_on=(AMQPConnectionError,),
             first_delay_s=0.5,
             attempts=attempts,
             stop=stop,
         )
-    except ProbableAuthenticationError:
-        raise AMQPConnectionError(
-            f"RabbitMQ at {redact(settings.rabbitmq_url)} refused the user name or password of "
-            "RABBITMQ_URL"
-        ) from None
+    except BrokerRefused:
+        raise
     except AMQPConnectionError as exc:
         raise AMQPConnectionError(
             f"cannot reach RabbitMQ at {redact(settings.rabbitmq_url)} (RABBITMQ_URL) after "
@@ -102,15 +150,23 @@ class EventPublisher:
         )
 
     def publish_dead_letter(
-        self, body: bytes, *, reason: str, error_type: str, source_queue: str
+        self,
+        body: bytes,
+        *,
+        reason: str,
+        error_type: str,
+        source_queue: str,
+        letter_id: str | None = None,
     ) -> None:
         """Send an unprocessable message to the dead-letter queue with why, in its headers."""
-        headers = {
+        headers: dict[str, str | int] = {
             "x-error": reason[:MAX_REASON_CHARS],
             "x-error-type": error_type,
             "x-source-queue": source_queue,
             "x-dead-lettered-at": int(time.time()),
         }
+        if letter_id is not None:
+            headers[DEAD_LETTER_ID_HEADER] = letter_id
         self._channel.basic_publish(
             exchange="",
             routing_key=self._settings.dead_letter_queue,
