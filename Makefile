@@ -42,7 +42,7 @@ demo: install
 ## Run the whole test suite against the real broker, store and model.
 test: install services
 	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check src tests bench scripts

@@ -91,8 +91,9 @@ def parse_event(body: bytes | str, max_bytes: int | None = None) -> ChangeEvent:
             raise DocumentTooLarge(
                 f"message body is {size:,} bytes, over MAX_DOCUMENT_BYTES ({max_bytes:,})"
             )
+    text = decode_body(body)
     try:
-        data = json.loads(decode_body(body))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidEvent(f"body is not valid JSON: {exc}") from None
     except RecursionError:  # the C decoder recurses per level: ~1,000 levels exhaust the stack
