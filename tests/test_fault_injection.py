@@ -223,7 +223,11 @@ def all_handled(pipeline: PipelineProcess, published: int) -> bool:
 def idle(pipeline: PipelineProcess, settings: Settings) -> bool:
     totals = pipeline.metrics()
     done = handled(totals) + totals.get("dead_letters_repeated", 0)
-    return queues_empty(settings) and totals.get("events_received", 0) == done
+    return (
+        queues_empty(settings)
+        and totals.get("messages_unacked") == 0  # nothing buffered or awaiting its ack
+        and totals.get("events_received", 0) == done
+    )
 
 
 def unhandled_in_this_tree(bodies: list[bytes]) -> bool:

@@ -207,9 +207,12 @@ class TokenSplitter:
         # per id was ~7 KB of each chunk (a 10 MB article makes ~13,000 chunks).
         self._ints = tuple(range(tokenizer.get_vocab_size(with_added_tokens=True)))
 
-    def _interned(self, ids: Iterable[int]) -> tuple[int, ...]:
-        ints, known = self._ints, len(self._ints)
-        return tuple(ints[i] if 0 <= i < known else i for i in ids)
+    def _interned(self, ids: Sequence[int]) -> tuple[int, ...]:
+        try:  # map over a bound method: ~3x faster than a generator with a range check
+            return tuple(map(self._ints.__getitem__, ids))
+        except IndexError:  # an id beyond the vocabulary: keep it as it is
+            ints, known = self._ints, len(self._ints)
+            return tuple(ints[i] if 0 <= i < known else i for i in ids)
 
     def count_tokens(self, text: str) -> int:
         return len(self._ids(text))
