@@ -66,6 +66,11 @@ def queue_depth(settings: Settings, queue: str) -> int:
     return int(depth)
 
 
+def queue_depths(settings: Settings) -> int:
+    """Messages ready in the pipeline's main and shard queues together."""
+    return sum(queue_depth(settings, q) for q in [settings.rabbitmq_queue, *settings.shard_queues])
+
+
 def drain(settings: Settings, queue: str) -> list[tuple[dict, bytes]]:
     """Consume every ready message of a queue: (headers, body) in queue order."""
     connection = pika.BlockingConnection(pika.URLParameters(settings.rabbitmq_url))

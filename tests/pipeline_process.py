@@ -18,7 +18,7 @@ from pathlib import Path
 from feature_pipeline.metrics import totals_from_text
 from feature_pipeline.settings import Settings
 
-from .conftest import free_port, settings_env
+from .conftest import free_port, queue_depths, settings_env
 
 #: Every pipeline subprocess a test started, so a failing test cannot leave one running.
 STARTED: list[subprocess.Popen[bytes]] = []
@@ -81,6 +81,10 @@ class PipelineProcess:
     def _get(self, path: str):
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=60) as response:
             return json.loads(response.read())
+
+    def drained(self) -> bool:
+        """Nothing ready in its queues and nothing delivered to it left unacknowledged."""
+        return queue_depths(self.settings) == 0 and self.metrics().get("messages_unacked") == 0
 
     def wait_for(self, predicate, timeout_s: float = 180, what: str = "condition") -> None:
         deadline = time.monotonic() + timeout_s

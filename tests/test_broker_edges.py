@@ -102,7 +102,11 @@ def test_about_one_batch_is_buffered_beyond_what_was_handed_out(settings: Settin
     part = RabbitMQSource(settings).build_part("in", settings.rabbitmq_queue, None)
 
     def unacked() -> float:
-        return metrics.messages_unacked.labels(settings.rabbitmq_queue)._value.get()
+        value = metrics.registry.get_sample_value(
+            "feature_pipeline_messages_unacked", {"queue": settings.rabbitmq_queue}
+        )
+        assert value is not None
+        return value
 
     try:
         time.sleep(2)  # what the I/O thread takes while nobody reads

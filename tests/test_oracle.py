@@ -28,7 +28,7 @@ from feature_pipeline.metrics import metrics
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings, load_settings
 
-from .conftest import SAMPLES, delete_topology, queue_depth, read_jsonl
+from .conftest import SAMPLES, delete_topology, queue_depths, read_jsonl
 from .pipeline_process import InProcessPipeline, PipelineProcess
 
 pytestmark = pytest.mark.slow
@@ -205,15 +205,6 @@ def test_random_sequences_leave_the_store_equal_to_the_warehouse(
     assert actual_state(FeatureStore.open(settings), namespace) == expected_state(settings, final)
 
 
-def queue_depths(settings: Settings) -> int:
-    return sum(queue_depth(settings, q) for q in [settings.rabbitmq_queue, *settings.shard_queues])
-
-
-def drained(pipeline: PipelineProcess, settings: Settings) -> bool:
-    """Nothing ready in the queues and nothing delivered to the pipeline left unacknowledged."""
-    return queue_depths(settings) == 0 and pipeline.metrics().get("messages_unacked") == 0
-
-
 @pytest.mark.parametrize("seed", [7, 2024])
 def test_kill_9_in_the_middle_of_a_sequence(seed: int, tmp_path: Path) -> None:
     settings = oracle_settings(tmp_path, "qdrant")
@@ -242,7 +233,7 @@ def test_kill_9_in_the_middle_of_a_sequence(seed: int, tmp_path: Path) -> None:
         # Restart (with two workers this time) until every message is acknowledged.
         for _ in range(5):
             again = PipelineProcess(settings, log, workers=2).start()
-            again.wait_for(lambda p: drained(p, settings), what="the queues to drain")
+            again.wait_for(PipelineProcess.drained, what="the queues to drain")
             assert again.stop() == 0
             if queue_depths(settings) == 0:
                 break

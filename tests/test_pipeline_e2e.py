@@ -160,7 +160,7 @@ def test_kill_9_mid_stream_loses_nothing_and_doubles_nothing(
     second.wait_for(
         lambda p: p.counts().get("cleaned_posts") == len(events), what="the whole backlog"
     )
-    time.sleep(1.0)  # one more epoch: everything written is acked
+    second.wait_for(PipelineProcess.drained, what="every message acknowledged")
     assert second.stop() == 0
     close_stores()
     chunks = stored_chunks(settings, [DataType.POSTS])

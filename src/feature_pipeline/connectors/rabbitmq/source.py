@@ -76,6 +76,7 @@ class _Consumer:
         # Deliveries buffered beyond those handed out: enough for the next batch to be ready
         # when the worker asks; more would only be redelivered after a crash or a stop.
         self._lookahead = settings.batch_size
+        self._unacked_gauge = metrics.messages_unacked.labels(queue)
         self._budget = settings.rabbitmq_prefetch_bytes
         # One message until sizes are known: the first delivery sets the limit the budget allows
         # (a round trip), where a larger start could put far more than the budget on the wire.
@@ -99,7 +100,7 @@ class _Consumer:
         self._channel.basic_qos(prefetch_count=self._prefetch, global_qos=True)
 
     def start(self) -> None:
-        metrics.messages_unacked.labels(self._queue).set(0)
+        self._unacked_gauge.set(0)
         self._thread.start()
 
     def on_message(
@@ -121,7 +122,7 @@ class _Consumer:
         self._seen_messages += 1
         self._seen_bytes += len(body)
         self._adapt_prefetch()
-        metrics.messages_unacked.labels(self._queue).set(len(self._unacked))
+        self._unacked_gauge.set(len(self._unacked))
 
     def take(self, limit: int) -> list[tuple[int, InboundMessage]]:
         """Up to `limit` buffered messages, oldest first (worker thread)."""
@@ -164,7 +165,7 @@ class _Consumer:
         while self._unacked and self._unacked[0][0] <= tag:
             self._unacked_bytes -= self._unacked.popleft()[1]
         self._adapt_prefetch()
-        metrics.messages_unacked.labels(self._queue).set(len(self._unacked))
+        self._unacked_gauge.set(len(self._unacked))
 
     def _adapt_prefetch(self) -> None:
         """Keep the channel's count limit at the handed-out deliveries plus one batch's
@@ -177,13 +178,13 @@ class _Consumer:
         unacked = len(self._unacked)
         with self._lock:
             handed_out = unacked - len(self._buffer)
-        if self._unacked_bytes >= self._budget:
+        over = self._unacked_bytes >= self._budget
+        if over:
             wanted = max(1, unacked)
         else:
             mean = self._seen_bytes / self._seen_messages if self._seen_messages else 1.0
             room = int((self._budget - self._unacked_bytes) / max(mean, 1.0))
             wanted = max(1, min(self._max_prefetch, unacked + room, handed_out + self._lookahead))
-        over = self._unacked_bytes >= self._budget
         # Small drifts of the mean are not worth a round trip each; a pause always is.
         if wanted != self._prefetch and (over or abs(wanted - self._prefetch) * 8 > self._prefetch):
             self._channel.basic_qos(prefetch_count=wanted, global_qos=True)
@@ -207,7 +208,7 @@ class _Consumer:
         except AMQPError:
             pass
         # Closed, the connection holds nothing unacked: the broker requeued it.
-        metrics.messages_unacked.labels(self._queue).set(0)
+        self._unacked_gauge.set(0)
 
 
 class _QueuePartition(StatefulSourcePartition[InboundMessage, None]):
