@@ -198,7 +198,12 @@ class _RecordingStore:
         return getattr(self._store, name)
 
 
-def feature_sync(settings: Settings, store: object) -> FeatureSync:
+def feature_sync(
+    settings: Settings,
+    store: object,
+    slice_chunks: int = sync_module.SLICE_CHUNKS,
+    turn_s: float | None = None,
+) -> FeatureSync:
     """A sync on `store` (a wrapper of the settings' store), its collections created."""
     build_sync(settings)
     return FeatureSync(
@@ -206,6 +211,8 @@ def feature_sync(settings: Settings, store: object) -> FeatureSync:
         lambda data_type: embedder_for(settings, data_type),
         Metrics(),
         settings.embedding_batch_size_for("cpu"),
+        slice_chunks=slice_chunks,
+        turn_s=turn_s,
     )
 
 
@@ -213,7 +220,7 @@ SHORT_ARTICLE = ARTICLE["content"]["Content"][:5_000]
 
 
 def test_sliced_writes_store_every_chunk_exactly_as_one_write_does(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     processor = DocumentProcessor(settings)
     article = article_change(processor, "long", SHORT_ARTICLE, ts=1)
@@ -224,11 +231,10 @@ def test_sliced_writes_store_every_chunk_exactly_as_one_write_does(
     whole_store = FeatureStore.open(whole_settings)
     feature_sync(whole_settings, whole_store).apply([article, post])
 
-    monkeypatch.setattr(sync_module, "SLICE_CHUNKS", SLICE)
     store = FeatureStore.open(settings)
     recording = _RecordingStore(store)
     with caplog.at_level(logging.INFO, logger="feature_pipeline.sync"):
-        feature_sync(settings, recording).apply([article, post])
+        feature_sync(settings, recording, SLICE).apply([article, post])
 
     # The short post, second in the batch, is written before the long article's first slice;
     # the article in slices of SLICE chunks.
@@ -254,10 +260,9 @@ def test_sliced_writes_store_every_chunk_exactly_as_one_write_does(
     assert len(sliced["vector_articles"]) == len(article.chunks)
 
 
-def test_a_crash_between_slices_leaves_no_orphan_and_the_replay_completes(
-    settings: Settings, monkeypatch: pytest.MonkeyPatch
+def test_a_crash_between_slices_leaves_no_orphan_and_the_replay_resumes(
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sync_module, "SLICE_CHUNKS", SLICE)
     processor = DocumentProcessor(settings)
     store = FeatureStore.open(settings)
     v1 = article_change(processor, "a", SHORT_ARTICLE, ts=1)
@@ -268,18 +273,26 @@ def test_a_crash_between_slices_leaves_no_orphan_and_the_replay_completes(
 
     crashing = _RecordingStore(store, fail_on_chunk_write=2)
     with pytest.raises(ConnectionError):
-        feature_sync(settings, crashing).apply([v2])
-    # One slice of version two is in the store; the state still has version one and lists
-    # every chunk either version may have left.
+        feature_sync(settings, crashing, SLICE).apply([v2])
+    # One slice of version two is in the store; the state still has version one, lists every
+    # chunk either version may have left, and says how far version two got.
     state_id = document_point_id(DataType.ARTICLES, "a")
     state = store.sync_states([state_id])[state_id]
     stored = {p.id for p in store.scroll("vector_articles")}
     assert state.version == 1
     assert len(stored) == len(v1.chunks) + SLICE
     assert stored <= state.chunk_ids
+    assert state.pending is not None and (state.pending.version, state.pending.written) == (
+        2,
+        SLICE,
+    )
 
-    report = feature_sync(settings, store).apply([v2])  # the redelivered message
-    assert report.applied == 1 and report.reused == SLICE
+    # The redelivered message resumes after the written slice: nothing embedded twice.
+    with caplog.at_level(logging.INFO, logger="feature_pipeline.sync"):
+        report = feature_sync(settings, store, SLICE).apply([v2])
+    assert f"articles:a: resuming after {SLICE}/{len(v2.chunks)} chunks" in caplog.text
+    assert report.applied == 1 and report.reused == 0
+    assert report.embedded == len(v2.chunks) - SLICE
     contents = sorted(
         (p.payload["chunk_index"], p.payload["content"]) for p in store.scroll("vector_articles")
     )
@@ -287,3 +300,101 @@ def test_a_crash_between_slices_leaves_no_orphan_and_the_replay_completes(
     state = store.sync_states([state_id])[state_id]
     assert state.version == 2
     assert state.chunk_ids == {p.id for p in store.scroll("vector_articles")}
+
+
+# -- turns: a long document yields to the documents queued behind it --------------------------
+
+
+def test_a_long_document_yields_after_its_turn_and_resumes_where_it_stopped(
+    settings: Settings,
+) -> None:
+    processor = DocumentProcessor(settings)
+    article = article_change(processor, "long", SHORT_ARTICLE, ts=1)
+    post = post_change(processor, "short")
+    whole_settings = settings.model_copy(update={"qdrant_path": settings.qdrant_path.parent / "w"})
+    whole_store = FeatureStore.open(whole_settings)
+    feature_sync(whole_settings, whole_store).apply([article, post])
+
+    store = FeatureStore.open(settings)
+    sync = feature_sync(settings, store, SLICE, turn_s=0)  # one slice per turn
+    first = sync.apply([article, post])
+    # The short post is done; the article wrote one slice, recorded how far it got, and is
+    # handed back to be queued again.
+    assert (first.applied, first.unfinished, first.embedded) == (
+        1,
+        (article,),
+        len(post.chunks) + SLICE,
+    )
+    state_id = document_point_id(DataType.ARTICLES, "long")
+    state = store.sync_states([state_id])[state_id]
+    assert state.version is None and state.pending is not None
+    assert (state.pending.version, state.pending.written) == (1, SLICE)
+    assert store.count("cleaned_articles") == 0  # the snapshot comes with the last slice
+
+    turns, embedded = 1, first.embedded - len(post.chunks)
+    for _ in range(len(article.chunks)):  # at most one turn per chunk, however it goes
+        report = sync.apply([article])  # the event, read again from the queue
+        turns += 1
+        embedded += report.embedded
+        if not report.unfinished:
+            break
+    assert report.applied == 1
+    assert turns == -(-len(article.chunks) // SLICE)  # one slice each, none twice
+    assert embedded == len(article.chunks)
+    stored, whole = store_contents(store), store_contents(whole_store)
+    for name in whole:
+        assert [(i, p) for i, p, _ in stored[name]] == [(i, p) for i, p, _ in whole[name]], name
+
+
+def test_a_newer_version_overtakes_a_pending_long_one_and_an_older_one_is_stale(
+    settings: Settings,
+) -> None:
+    processor = DocumentProcessor(settings)
+    store = FeatureStore.open(settings)
+    sync = feature_sync(settings, store, SLICE, turn_s=0)
+    v2 = article_change(processor, "a", SHORT_ARTICLE, ts=2)
+    assert sync.apply([v2]).unfinished == (v2,)
+
+    v1 = article_change(processor, "a", "Version one, late.", ts=1)
+    assert sync.apply([v1]).stale == 1  # older than the version being written
+
+    v3 = article_change(processor, "a", "Version three, short.", ts=3)
+    assert sync.apply([v3]).applied == 1
+    # v2's next turn finds a newer version: nothing of v2 is left, nothing of it is written.
+    report = sync.apply([v2])
+    assert (report.stale, report.unfinished, report.embedded) == (1, (), 0)
+    state_id = document_point_id(DataType.ARTICLES, "a")
+    state = store.sync_states([state_id])[state_id]
+    assert (state.version, state.pending) == (3, None)
+    contents = [p.payload["content"] for p in store.scroll("vector_articles")]
+    assert contents == [c.content for c in v3.chunks]
+    assert state.chunk_ids == {p.id for p in store.scroll("vector_articles")}
+
+
+def test_a_resume_point_of_other_chunks_is_not_used(settings: Settings) -> None:
+    processor = DocumentProcessor(settings)
+    store = FeatureStore.open(settings)
+    sync = feature_sync(settings, store, SLICE, turn_s=0)
+    first = article_change(processor, "a", SHORT_ARTICLE, ts=2)
+    assert sync.apply([first]).unfinished == (first,)
+    # The same version chunked otherwise (here: other text under the same ts, a producer's
+    # mistake; or another CHUNK_SIZE): its chunk ids differ, so it starts from its first chunk.
+    text = ARTICLE["content"]["Content"]
+    other = article_change(processor, "a", text[6_000:11_000], ts=2)
+    report = feature_sync(settings, store, SLICE).apply([other])
+    assert report.applied == 1 and report.embedded == len(other.chunks)
+    contents = sorted(
+        (p.payload["chunk_index"], p.payload["content"]) for p in store.scroll("vector_articles")
+    )
+    assert [c for _, c in contents] == [c.content for c in other.chunks]
+
+
+def test_an_unversioned_long_document_is_written_in_one_turn(settings: Settings) -> None:
+    # Without a version its replays cannot be told from other changes: no resume point, so it
+    # keeps the worker until it is done (as in a file backfill).
+    processor = DocumentProcessor(settings)
+    store = FeatureStore.open(settings)
+    article = article_change(processor, "a", SHORT_ARTICLE, ts=1).model_copy(update={"ts": None})
+    report = feature_sync(settings, store, SLICE, turn_s=0).apply([article])
+    assert (report.applied, report.unfinished) == (1, ())
+    assert store.count("vector_articles") == len(article.chunks)

@@ -323,6 +323,7 @@ def prepare_service(
     and query service, the models; the dataflow to run (`run`, and `feature_pipeline.flow`)."""
     from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink, build_sync
     from feature_pipeline.connectors.qdrant.store import FeatureStore
+    from feature_pipeline.connectors.rabbitmq.continuations import ContinuationPublisher
     from feature_pipeline.connectors.rabbitmq.dead_letters import DeadLetterQueueSink
     from feature_pipeline.connectors.rabbitmq.source import RabbitMQSource
     from feature_pipeline.dataflow import build_dataflow
@@ -361,7 +362,12 @@ def prepare_service(
     flow = build_dataflow(
         settings,
         RabbitMQSource(settings, stop),
-        FeatureStoreSink(settings, partitions=workers * processes, embedders=embedders),
+        FeatureStoreSink(
+            settings,
+            partitions=workers * processes,
+            embedders=embedders,
+            continuations=lambda: ContinuationPublisher(settings),
+        ),
         DeadLetterQueueSink(settings),
     )
     log.info("consuming %s (workers=%d, processes=%d)", settings.rabbitmq_queue, workers, processes)

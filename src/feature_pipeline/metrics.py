@@ -38,6 +38,7 @@ COUNTERS = {
     "events_applied": "Document changes written to the feature store.",
     "events_superseded": "Changes skipped because a newer change of the document was in the batch.",
     "events_stale": "Changes skipped because the store already holds a newer or equal version.",
+    "events_continued": "Long documents whose turn ended: their events were queued again to resume.",
     "dead_letters": "Messages sent to the dead-letter queue.",
     "dead_letters_repeated": "Redelivered poison messages not dead-lettered again (sent before).",
     "chunks_embedded": "Chunks run through an embedding model.",
@@ -57,6 +58,7 @@ COUNTER_LABELS = {
             "events_applied",
             "events_superseded",
             "events_stale",
+            "events_continued",
             "chunks_embedded",
             "chunks_reused",
         )
@@ -192,6 +194,7 @@ class Metrics:
                 "events_applied",
                 "events_superseded",
                 "events_stale",
+                "events_continued",
                 "dead_letters",
                 "dead_letters_repeated",
             )

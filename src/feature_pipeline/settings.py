@@ -93,6 +93,11 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=256, ge=1, le=10_000)
     batch_max_wait_ms: int = Field(default=20, ge=0, le=60_000)
     epoch_interval_ms: int = Field(default=500, ge=10)
+    #: Chunks embedded and written at a time: bounds the memory a long document takes.
+    slice_chunks: int = Field(default=512, ge=1, le=100_000)
+    #: Seconds a long document may hold a worker before its event is queued again, behind the
+    #: documents that waited, to resume from its last written slice (0: one slice per turn).
+    long_document_turn_s: float = Field(default=30, ge=0)
     query_port: int = Field(default=8723, ge=0, le=65_535)
     #: Address the query server (search, counts, metrics) listens on. Loopback by default: it
     #: has no authentication. In a container, 0.0.0.0 lets the container network scrape it.
@@ -333,7 +338,7 @@ SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "broker": ("rabbitmq_",),
     "store": ("qdrant_", "use_qdrant_cloud"),
     "models": ("model_", "embedding_", "chunk_", "processing_processes", "max_"),
-    "dataflow": ("batch_", "epoch_interval_ms"),
+    "dataflow": ("batch_", "epoch_interval_ms", "slice_chunks", "long_document_"),
     "service": ("query_", "progress_log_s"),
     "logging": ("log_",),
 }

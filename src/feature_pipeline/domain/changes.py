@@ -71,6 +71,8 @@ class DocumentChange(BaseModel):
     source: str = ""
     #: When its message was published (Unix seconds), if the producer said.
     published_at: float | None = None
+    #: Its message's producer stamp (`InboundMessage.stamp`), kept when its event is queued again.
+    stamp: str | None = None
     #: Its message's body, unchanged: a change the store refuses is dead-lettered as it came, so
     #: that `dlq replay` can send it again once the cause is fixed.
     body: bytes = Field(default=b"", repr=False)

@@ -52,7 +52,11 @@ class DocumentProcessor:
         try:
             event = parse_event(message.body, max_bytes=self._settings.max_document_bytes)
             return self.process_event(
-                event, source=message.source, published_at=message.published_at, body=message.body
+                event,
+                source=message.source,
+                published_at=message.published_at,
+                body=message.body,
+                stamp=message.stamp,
             )
         except DocumentTooLarge as exc:
             return _dead_letter(message, "too_large", str(exc))
@@ -72,6 +76,7 @@ class DocumentProcessor:
         source: str = "",
         published_at: float | None = None,
         body: bytes = b"",
+        stamp: str | None = None,
     ) -> DocumentChange:
         if event.is_delete:
             return DocumentChange(
@@ -82,6 +87,7 @@ class DocumentProcessor:
                 source=source,
                 published_at=published_at,
                 body=body,
+                stamp=stamp,
             )
         raw = registry.get(event.type, Step.PARSE)(event.document)
         cleaned = registry.get(event.type, Step.CLEAN)(raw, event.entry_id)
@@ -102,6 +108,7 @@ class DocumentProcessor:
             source=source,
             published_at=published_at,
             body=body,
+            stamp=stamp,
         )
 
 

@@ -7,13 +7,17 @@ A store that is down (`STORE_ERRORS`) is retried with backoff, its messages unac
 other exception from a write is taken as one document's fault: the batch is written again
 document by document, and a document that still fails is dead-lettered (`store_error`) through
 the dataflow's dead-letter sink while the rest apply, so no input can kill the process in a loop.
+
+With `continuations` (the broker-fed `run`), a long document's turn ends after
+`LONG_DOCUMENT_TURN_S`: its progress is in the store and its event is queued again (confirmed
+before this sink returns, so before the original is acknowledged); see sync.py.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from bytewax.outputs import FixedPartitionedSink, Sink, StatefulSinkPartition
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
@@ -32,7 +36,7 @@ from feature_pipeline.processing.embedding import (
 )
 from feature_pipeline.redaction import redact
 from feature_pipeline.settings import Settings
-from feature_pipeline.sync import FeatureSync
+from feature_pipeline.sync import ApplyReport, FeatureSync
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +61,26 @@ class StoreRefused(Exception):
 DeadLetterSink = FixedPartitionedSink[DeadLetter, Any]
 
 
+class Continuations(Protocol):
+    """Where unfinished long documents' events go for their next turn (back to their queue)."""
+
+    def send(self, changes: Sequence[DocumentChange]) -> None: ...
+
+    def close(self) -> None: ...
+
+
 def build_sync(
-    settings: Settings, counters: Metrics = metrics, embedders: EmbedderFactory = embedder_for
+    settings: Settings,
+    counters: Metrics = metrics,
+    embedders: EmbedderFactory = embedder_for,
+    *,
+    turns: bool = False,
 ) -> FeatureSync:
     """The process's sync logic: shared store, each data type's model loaded once.
 
     `embedders` gives the model of a data type: the configured one, or (the benchmark's ceiling
-    pass) a stand-in.
+    pass) a stand-in. `turns`: long documents yield after `LONG_DOCUMENT_TURN_S` (their events
+    must then be queued again: `ApplyReport.unfinished`).
     """
     store = cast(FeatureStore, TimedStore(FeatureStore.open(settings), counters))
 
@@ -72,7 +89,14 @@ def build_sync(
 
     store.ensure_collections({t: model_for(t).dimension for t in DataType})
     batch_size = settings.embedding_batch_size_for(resolve_device(settings.embedding_device))
-    return FeatureSync(store, model_for, counters, batch_size)
+    return FeatureSync(
+        store,
+        model_for,
+        counters,
+        batch_size,
+        slice_chunks=settings.slice_chunks,
+        turn_s=settings.long_document_turn_s if turns else None,
+    )
 
 
 class TimedStore:
@@ -109,9 +133,11 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
         sync: FeatureSync,
         on_written: Callable[[int], None] | None,
         dead_letters: Callable[[], StatefulSinkPartition[DeadLetter, Any]] | None = None,
+        continuations: Continuations | None = None,
     ) -> None:
         self._sync = sync
         self._on_written = on_written
+        self._continuations = continuations
         #: Builds a dead-letter partition on the first refused change (most runs need none):
         #: it writes (publishes and confirms) before returning, so the epoch's ack stays safe.
         self._make_dead_letters = dead_letters
@@ -119,7 +145,7 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
 
     def write_batch(self, items: list[DocumentChange]) -> None:
         try:
-            self._apply(items)
+            unfinished = list(self._apply(items).unfinished)
             refused: list[DeadLetter] = []
         except RetryInterrupted:
             raise
@@ -130,34 +156,40 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
                 len(items),
                 redact(describe_error(exc)),
             )
-            refused = self._apply_each_document(items)
+            refused, unfinished = self._apply_each_document(items)
+        if unfinished:
+            self._continue(unfinished)
         if refused:
             self._dead_letter(refused)
         if self._on_written is not None:
             self._on_written(len(items) - len(refused))
 
-    def _apply(self, changes: list[DocumentChange]) -> None:
-        retry_with_backoff(
+    def _apply(self, changes: list[DocumentChange]) -> ApplyReport:
+        return retry_with_backoff(
             lambda: self._apply_once(changes), "writing to the feature store", retry_on=STORE_ERRORS
         )
 
-    def _apply_once(self, changes: list[DocumentChange]) -> None:
+    def _apply_once(self, changes: list[DocumentChange]) -> ApplyReport:
         try:
-            self._sync.apply(changes)
+            return self._sync.apply(changes)
         except UnexpectedResponse as exc:
             if exc.status_code in REFUSING_STATUSES:
                 raise StoreRefused(describe_error(exc)) from exc
             raise
 
-    def _apply_each_document(self, items: list[DocumentChange]) -> list[DeadLetter]:
-        """Apply each document's changes on their own; dead letters for those that still fail."""
+    def _apply_each_document(
+        self, items: list[DocumentChange]
+    ) -> tuple[list[DeadLetter], list[DocumentChange]]:
+        """Apply each document's changes on their own. Returns dead letters for those that still
+        fail, and the long documents left for a later turn."""
         by_document: dict[str, list[DocumentChange]] = {}
         for change in items:
             by_document.setdefault(change.key, []).append(change)
         refused = []
+        unfinished: list[DocumentChange] = []
         for key, changes in by_document.items():
             try:
-                self._apply(changes)
+                unfinished.extend(self._apply(changes).unfinished)
             except RetryInterrupted:
                 raise
             except Exception as exc:
@@ -170,7 +202,12 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
                     )
                     for c in changes
                 )
-        return refused
+        return refused, unfinished
+
+    def _continue(self, unfinished: list[DocumentChange]) -> None:
+        if self._continuations is None:  # the sync has turns only where continuations are wired
+            raise RuntimeError(f"{unfinished[0].key} is unfinished and cannot be queued again")
+        self._continuations.send(unfinished)
 
     def _dead_letter(self, refused: list[DeadLetter]) -> None:
         if self._make_dead_letters is None:
@@ -186,6 +223,8 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
     def close(self) -> None:
         if self._dead_letters is not None:
             self._dead_letters.close()
+        if self._continuations is not None:
+            self._continuations.close()
 
 
 class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
@@ -197,13 +236,17 @@ class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
         partitions: int = 1,
         on_written: Callable[[int], None] | None = None,
         embedders: EmbedderFactory = embedder_for,
+        continuations: Callable[[], Continuations] | None = None,
     ) -> None:
+        """`continuations` (one per partition): where long documents go when their turn ends;
+        without it, each document is written whole in one batch (a file backfill)."""
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
         self._settings = settings
         self._partitions = partitions
         self._on_written = on_written
         self._embedders = embedders
+        self._continuations = continuations
         self._dead_letter_sink: DeadLetterSink | None = None
 
     def dead_letters_to(self, sink: Sink[Any]) -> None:
@@ -217,10 +260,15 @@ class FeatureStoreSink(FixedPartitionedSink[DocumentChange, None]):
         return [f"features-{i}" for i in range(self._partitions)]
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> _FeatureStorePartition:
-        sync = build_sync(self._settings, embedders=self._embedders)
+        turns = self._continuations is not None
+        sync = build_sync(self._settings, embedders=self._embedders, turns=turns)
+        continuations = self._continuations() if self._continuations is not None else None
         sink = self._dead_letter_sink
         if sink is None:
-            return _FeatureStorePartition(sync, self._on_written)
+            return _FeatureStorePartition(sync, self._on_written, continuations=continuations)
         return _FeatureStorePartition(
-            sync, self._on_written, lambda: sink.build_part(step_id, sink.list_parts()[0], None)
+            sync,
+            self._on_written,
+            lambda: sink.build_part(step_id, sink.list_parts()[0], None),
+            continuations,
         )

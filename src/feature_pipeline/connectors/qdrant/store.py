@@ -67,13 +67,38 @@ class Hit:
 
 
 @dataclass(frozen=True)
+class PendingWrite:
+    """A versioned change being written: its version, how many of its chunks (in document order)
+    are written, and a digest of its chunk ids in order. A replay of the same change (same
+    version, same chunks) resumes after `written`; anything else starts over."""
+
+    version: int
+    written: int
+    digest: str
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any] | None) -> PendingWrite | None:
+        if not isinstance(payload, Mapping):
+            return None
+        return cls(
+            version=int(payload["version"]),
+            written=int(payload["written"]),
+            digest=str(payload["digest"]),
+        )
+
+    def payload(self) -> dict[str, Any]:
+        return {"version": self.version, "written": self.written, "digest": self.digest}
+
+
+@dataclass(frozen=True)
 class SyncState:
-    """The newest change applied to a document (a tombstone when `deleted`), and the ids of every
-    chunk point the document may have in the store."""
+    """The newest change applied to a document (a tombstone when `deleted`), the ids of every
+    chunk point the document may have in the store, and the change being written, if any."""
 
     version: int | None
     deleted: bool
     chunk_ids: frozenset[str] = frozenset()
+    pending: PendingWrite | None = None
 
     @classmethod
     def from_payload(cls, payload: Mapping[str, Any]) -> SyncState:
@@ -81,6 +106,7 @@ class SyncState:
             version=payload.get("version"),
             deleted=payload["deleted"],
             chunk_ids=frozenset(payload.get("chunk_ids", ())),
+            pending=PendingWrite.from_payload(payload.get("pending")),
         )
 
     def payload(self, data_type: DataType, entry_id: str) -> dict[str, Any]:
@@ -90,6 +116,7 @@ class SyncState:
             "version": self.version,
             "deleted": self.deleted,
             "chunk_ids": sorted(self.chunk_ids),
+            "pending": None if self.pending is None else self.pending.payload(),
         }
 
 

@@ -33,6 +33,8 @@ JSON = "application/json"
 PUBLISHED_AT_HEADER = "x-published-at-us"
 #: Who a dead letter is: the same poison message always gets the same id (see dead_letters.py).
 DEAD_LETTER_ID_HEADER = "x-dead-letter-id"
+#: Marks a long document's event queued again for its next turn (for people reading the queue).
+CONTINUED_HEADER = "x-continued"
 #: AMQP short strings cap header values; a reason longer than this is cut.
 MAX_REASON_CHARS = 4_000
 
@@ -145,6 +147,24 @@ class EventPublisher:
                 content_type=JSON,
                 delivery_mode=2,
                 headers={PUBLISHED_AT_HEADER: time.time_ns() // 1_000},
+            ),
+            mandatory=True,
+        )
+
+    def publish_again(
+        self, body: bytes, *, queue: str, stamp: str | None, published_at: float | None
+    ) -> None:
+        """Queue a message again, as it came (its stamp and publish time kept), at the back of the
+        queue it was read from: a long document's next turn."""
+        headers: dict[str, str | int | bool] = {CONTINUED_HEADER: True}
+        if published_at is not None:
+            headers[PUBLISHED_AT_HEADER] = round(published_at * 1_000_000)
+        self._channel.basic_publish(
+            exchange="",
+            routing_key=queue,
+            body=body,
+            properties=pika.BasicProperties(
+                content_type=JSON, delivery_mode=2, message_id=stamp, headers=headers
             ),
             mandatory=True,
         )
