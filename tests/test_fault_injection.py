@@ -28,10 +28,11 @@ import pytest
 from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import DEAD_LETTER_ID_HEADER, EventPublisher
 from feature_pipeline.connectors.rabbitmq.topology import consumed_queues, router_exchange
-from feature_pipeline.domain.events import ChangeEvent
+from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
-from .conftest import delete_topology, drain, queue_depths
+from .conftest import SAMPLES, delete_topology, drain, queue_depths, read_jsonl
 from .pipeline_process import PipelineProcess
 from .test_oracle import BASE, Operation, actual_state, expected_state, handled, to_events
 
@@ -216,6 +217,7 @@ def idle(pipeline: PipelineProcess) -> bool:
     """Drained, and every message it took out of its buffer handled."""
     totals = pipeline.metrics()
     done = handled(totals) + totals.get("dead_letters_repeated", 0)
+    done += totals.get("events_continued", 0)  # each turn's message, queued again
     return pipeline.drained() and totals.get("events_received", 0) == done
 
 
@@ -297,3 +299,92 @@ def test_fuzzed_messages_broker_closes_and_kill_9(tmp_path: Path) -> None:
     finally:
         close_stores()
         delete_topology(settings)
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM), in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_huge_document_among_small_ones_does_not_hold_them_up(tmp_path: Path) -> None:
+    """A long article takes turns of one slice: posts published while it is being written are
+    indexed before it is done (not after it), memory stays bounded, the article ends complete."""
+    prefix = f"huge{uuid.uuid4().hex[:8]}"
+    settings = load_settings(
+        _env_file=None,
+        rabbitmq_queue=f"test-huge-{uuid.uuid4().hex[:12]}",
+        rabbitmq_shards=0,  # one queue: the posts are queued behind the article
+        qdrant_path=tmp_path / "qdrant",
+        batch_size=4,
+        batch_max_wait_ms=10,
+        epoch_interval_ms=200,
+        query_port=0,
+        embedding_backend="fp32",
+        chunk_size_articles=32,  # many cheap chunks: ~350 for the longest sample article
+        chunk_overlap=4,
+        slice_chunks=16,
+        long_document_turn_s=0,  # one slice per turn
+    )
+    article_doc = max((d for d in read_jsonl(SAMPLES / "articles.jsonl")), key=_article_length)
+    article = ChangeEvent(
+        op=Op.INSERT,
+        type=DataType.ARTICLES,
+        entry_id=f"{prefix}-article",
+        document={k: v for k, v in article_doc.items() if k != "_id"},
+        ts=1,
+    )
+    posts = [
+        ChangeEvent(
+            op=Op.INSERT,
+            type=DataType.POSTS,
+            entry_id=f"{prefix}-post-{i}",
+            document={k: v for k, v in doc.items() if k != "_id"},
+            ts=1,
+        )
+        for i, doc in enumerate(read_jsonl(SAMPLES / "posts.jsonl")[:20])
+    ]
+    expected = expected_state(
+        settings, {f"{e.type.value}:{e.entry_id}": e for e in [article, *posts]}
+    )
+    turns = -(-sum(1 for c in expected[1] if c[0] == "articles") // settings.slice_chunks)
+    assert turns >= 15
+    log = tmp_path / "pipeline.log"
+    try:
+        pipeline = PipelineProcess(settings, log).start()
+        with EventPublisher(settings) as publisher:
+            publisher.publish([article], to_main_queue=True)
+            pipeline.wait_for(
+                lambda p: p.metrics().get("events_continued", 0) >= 1, what="the article's 1st turn"
+            )
+            publisher.publish(posts, to_main_queue=True)
+        seen: list[dict[str, int]] = []
+
+        def posts_indexed(p: PipelineProcess) -> bool:
+            seen.append(p.counts())
+            return seen[-1].get("cleaned_posts", 0) == len(posts)
+
+        pipeline.wait_for(posts_indexed, timeout_s=300, what="the posts")
+        # The posts did not wait for the article: it was still taking its turns.
+        assert seen[-1].get("cleaned_articles", 0) == 0, seen[-1]
+
+        pipeline.wait_for(idle, timeout_s=600, what="the article to finish")
+        totals = pipeline.metrics()
+        assert totals["events_continued"] == turns - 1
+        assert totals["events_applied"] == 1 + len(posts)
+        assert peak_rss_mb(pipeline.process.pid) < 1_200
+        assert pipeline.stop() == 0
+        assert queue_depths(settings) == 0
+        assert actual_state(FeatureStore.open(settings), prefix) == expected
+        text = log.read_text(errors="replace")
+        assert f"articles:{article.entry_id}: resuming after" in text
+        assert not tracebacks(text), f"tracebacks in the pipeline's log: {tracebacks(text)}"
+    finally:
+        close_stores()
+        delete_topology(settings)
+
+
+def _article_length(document: dict[str, Any]) -> int:
+    return len(document["content"]["Content"])
