@@ -13,13 +13,12 @@ the other stale. A duplicate costs work, never correctness.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Sequence
 
 from pika.exceptions import AMQPError
 
-from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
+from feature_pipeline.connectors.rabbitmq.publisher import LazyPublisher
 from feature_pipeline.connectors.retry import retry_with_backoff
 from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.settings import Settings
@@ -28,12 +27,10 @@ log = logging.getLogger(__name__)
 
 
 class ContinuationPublisher:
-    """Publishes unfinished long documents' events to their queues; one connection, opened on
-    the first continuation (most runs need none) and again after a failure."""
+    """Publishes unfinished long documents' events to their queues, on a connection of its own."""
 
     def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._publisher: EventPublisher | None = None
+        self._publisher = LazyPublisher(settings)
 
     def send(self, changes: Sequence[DocumentChange]) -> None:
         """Returns once the broker confirmed each event; retries while it is unreachable."""
@@ -41,7 +38,14 @@ class ContinuationPublisher:
             if not change.source or not change.body:
                 raise ValueError(f"{change.key}: no source queue or body to queue it again")
             retry_with_backoff(
-                lambda change=change: self._publish(change),  # type: ignore[misc]
+                lambda change=change: self._publisher.call(  # type: ignore[misc]
+                    lambda publisher: publisher.publish_again(
+                        change.body,
+                        queue=change.source,
+                        stamp=change.stamp,
+                        published_at=change.published_at,
+                    )
+                ),
                 "queueing a long document for its next turn",
                 retry_on=(AMQPError,),
             )
@@ -49,22 +53,5 @@ class ContinuationPublisher:
                 "long document %s: queued again on %s for its next turn", change.key, change.source
             )
 
-    def _publish(self, change: DocumentChange) -> None:
-        try:
-            if self._publisher is None:
-                self._publisher = EventPublisher(self._settings, connect_attempts=1)
-            self._publisher.publish_again(
-                change.body,
-                queue=change.source,
-                stamp=change.stamp,
-                published_at=change.published_at,
-            )
-        except AMQPError:
-            self.close()
-            raise
-
     def close(self) -> None:
-        if self._publisher is not None:
-            with contextlib.suppress(AMQPError):
-                self._publisher.close()
-            self._publisher = None
+        self._publisher.close()

@@ -32,7 +32,7 @@ from pika.exceptions import AMQPError
 
 from feature_pipeline.connectors.rabbitmq.publisher import (
     DEAD_LETTER_ID_HEADER,
-    EventPublisher,
+    LazyPublisher,
     connect,
 )
 from feature_pipeline.connectors.retry import retry_with_backoff
@@ -108,7 +108,7 @@ class _DeadLetterPartition(StatefulSinkPartition[DeadLetter, None]):
     def __init__(self, settings: Settings, on_written: Callable[[int], None] | None) -> None:
         self._settings = settings
         self._on_written = on_written
-        self._publisher: EventPublisher | None = None
+        self._publisher = LazyPublisher(settings)
         self._sent = _RecentIds(RECENT_IDS)
         self._queue_scanned = False
 
@@ -165,31 +165,21 @@ class _DeadLetterPartition(StatefulSinkPartition[DeadLetter, None]):
         retry_with_backoff(attempt, "publishing a dead letter", retry_on=(AMQPError,))
 
     def _publish(self, item: DeadLetter, letter_id: str) -> None:
-        try:
-            if self._publisher is None:
-                self._publisher = EventPublisher(self._settings, connect_attempts=1)
-            self._publisher.publish_dead_letter(
+        self._publisher.call(
+            lambda publisher: publisher.publish_dead_letter(
                 item.body,
                 reason=item.reason,
                 error_type=item.error_type,
                 source_queue=item.source,
                 letter_id=letter_id,
             )
-        except AMQPError:
-            self._drop_connection()
-            raise
-
-    def _drop_connection(self) -> None:
-        if self._publisher is not None:
-            with contextlib.suppress(AMQPError):
-                self._publisher.close()
-            self._publisher = None
+        )
 
     def snapshot(self) -> None:
         return None
 
     def close(self) -> None:
-        self._drop_connection()
+        self._publisher.close()
 
 
 class DeadLetterQueueSink(FixedPartitionedSink[DeadLetter, None]):

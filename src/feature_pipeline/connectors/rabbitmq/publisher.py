@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -12,6 +13,7 @@ import pika
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 from pika.exceptions import (
     AMQPConnectionError,
+    AMQPError,
     ProbableAccessDeniedError,
     ProbableAuthenticationError,
 )
@@ -208,3 +210,27 @@ class EventPublisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LazyPublisher:
+    """An `EventPublisher` opened on first use (most runs of a sink need none) and dropped after
+    a broker error, so that the caller's retry starts on a fresh connection."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._publisher: EventPublisher | None = None
+
+    def call(self, action: Callable[[EventPublisher], None]) -> None:
+        try:
+            if self._publisher is None:
+                self._publisher = EventPublisher(self._settings, connect_attempts=1)
+            action(self._publisher)
+        except AMQPError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._publisher is not None:
+            with contextlib.suppress(AMQPError):
+                self._publisher.close()
+            self._publisher = None
