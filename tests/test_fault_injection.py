@@ -375,9 +375,33 @@ def test_a_huge_document_among_small_ones_does_not_hold_them_up(tmp_path: Path) 
         assert totals["events_continued"] == turns - 1
         assert totals["events_applied"] == 1 + len(posts)
         assert peak_rss_mb(pipeline.process.pid) < 1_200
+
+        # A new version of the article, killed -9 twice while it takes its turns: each restart
+        # resumes it from the store's progress (or its redelivered event does), and it ends
+        # exactly as a clean run would leave it.
+        rng = random.Random(SEED)
+        other = sorted(read_jsonl(SAMPLES / "articles.jsonl"), key=_article_length)[-2]
+        update = article.model_copy(
+            update={
+                "op": Op.UPDATE,
+                "document": {k: v for k, v in other.items() if k != "_id"},
+                "ts": 2,
+            }
+        )
+        with EventPublisher(settings) as publisher:
+            publisher.publish([update], to_main_queue=True)
+        for _ in range(2):
+            pipeline.wait_for(
+                lambda p: p.metrics().get("events_continued", 0) >= 1, what="a turn to end"
+            )
+            time.sleep(rng.uniform(0.0, 1.0))
+            pipeline.kill()
+            pipeline = PipelineProcess(settings, log).start()
+        pipeline.wait_for(idle, timeout_s=600, what="the new version to finish")
         assert pipeline.stop() == 0
         assert queue_depths(settings) == 0
-        assert actual_state(FeatureStore.open(settings), prefix) == expected
+        final = {f"{e.type.value}:{e.entry_id}": e for e in [update, *posts]}
+        assert actual_state(FeatureStore.open(settings), prefix) == expected_state(settings, final)
         text = log.read_text(errors="replace")
         assert f"articles:{article.entry_id}: resuming after" in text
         assert not tracebacks(text), f"tracebacks in the pipeline's log: {tracebacks(text)}"
