@@ -162,6 +162,9 @@ def test_the_status_page_in_a_browser(settings: Settings, tmp_path: Path) -> Non
     try:
         pipeline.wait_for(lambda p: p.counts().get("cleaned_posts") == len(posts), what="posts")
         pipeline.wait_for(lambda p: p.metrics().get("dead_letters") == 1, what="the dead letter")
+        # Queue depths are read at most every 2 s (status.CACHE_S): wait until a read has seen
+        # the dead letter in its queue (the only message left in any), so the page shows it.
+        pipeline.wait_for(lambda p: p.metrics().get("queue_depth") == 1, what="the DLQ's depth")
         counts: dict[str, Any] = pipeline.counts()
         target = posts[3]
         words = " ".join(str(target["content"]["text"]).split()[:12])
