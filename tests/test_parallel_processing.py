@@ -10,7 +10,7 @@ from bytewax.testing import TestingSink, TestingSource, run_main
 from feature_pipeline.connectors.files import infer_type, line_to_body
 from feature_pipeline.dataflow import build_dataflow
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
-from feature_pipeline.processing.parallel import close_processing_pools
+from feature_pipeline.processing.parallel import balanced_tasks, close_processing_pools
 from feature_pipeline.settings import load_settings
 
 from .conftest import SAMPLES
@@ -61,3 +61,27 @@ def test_a_pool_of_processes_gives_the_same_changes_in_the_same_order() -> None:
     assert all(c.token_ids for _, change in pooled[0] for c in change.chunks)
     versions = [c.ts for key, c in pooled[0] if key == pooled[0][-1][0]]
     assert versions[-2:] == [1, 2]
+
+
+def test_tasks_are_balanced_by_size_and_cover_every_message_once() -> None:
+    # A batch like the benchmark's: many small posts, a few large repositories at the end.
+    sizes = [2_000] * 87 + [40_000] * 5 + [507_000, 401_000, 314_000, 224_000, 220_000, 187_000]
+    tasks = balanced_tasks(sizes, 8)
+    assert sorted(i for task in tasks for i in task) == list(range(len(sizes)))
+    assert len(tasks) <= 8
+    loads = [sum(sizes[i] for i in task) for task in tasks]
+    assert loads == sorted(loads, reverse=True)  # the largest task is sent first
+    # Each large document in a task of its own; no task above the largest document.
+    large = [i for i, size in enumerate(sizes) if size > 100_000]
+    assert len({next(t for t, task in enumerate(tasks) if i in task) for i in large}) == 6
+    assert max(loads) == max(sizes)
+    # Two processes taking the tasks in order end within one large document of each other.
+    ends = [0, 0]
+    for load in loads:
+        ends[ends.index(min(ends))] += load
+    assert abs(ends[0] - ends[1]) <= max(sizes)
+
+
+def test_fewer_messages_than_tasks_and_an_empty_batch() -> None:
+    assert balanced_tasks([5, 1], 8) == [[0], [1]]
+    assert balanced_tasks([], 8) == []

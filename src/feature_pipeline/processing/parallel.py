@@ -3,8 +3,10 @@ its own `DocumentProcessor`, results in the batch's order (so per-document order
 
 from __future__ import annotations
 
+import heapq
 import multiprocessing
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
@@ -24,9 +26,24 @@ def _ready(_: int) -> bool:
     return _processor is not None
 
 
-def _process(message: InboundMessage) -> DocumentChange | DeadLetter:
+def _process(messages: list[InboundMessage]) -> list[DocumentChange | DeadLetter]:
     assert _processor is not None, "the pool process was not started by ProcessingPool"
-    return _processor.process(message)
+    return [_processor.process(message) for message in messages]
+
+
+def balanced_tasks(sizes: Sequence[int], tasks: int) -> list[list[int]]:
+    """The indexes of `sizes` in at most `tasks` groups of about equal total size, largest group
+    first (the longest-processing-time-first rule): a batch's few large documents (a
+    repository can be half a batch's work) land in different groups, so no process is left
+    with most of the work while the others idle."""
+    bins: list[tuple[int, int]] = [(0, b) for b in range(max(1, min(tasks, len(sizes))))]
+    members: list[list[int]] = [[] for _ in bins]
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        load, b = heapq.heappop(bins)
+        members[b].append(index)
+        heapq.heappush(bins, (load + sizes[index], b))
+    loads = {b: load for load, b in bins}
+    return [members[b] for b in sorted(loads, key=lambda b: -loads[b]) if members[b]]
 
 
 class ProcessingPool:
@@ -49,10 +66,15 @@ class ProcessingPool:
             raise RuntimeError("a processing process did not start")
 
     def process(self, messages: list[InboundMessage]) -> list[DocumentChange | DeadLetter]:
-        # A few tasks per process: small enough to balance big and small documents, large
-        # enough that pickling round trips stay cheap.
-        chunksize = max(1, len(messages) // (4 * self.processes))
-        return list(self._executor.map(_process, messages, chunksize=chunksize))
+        # A few tasks per process, balanced by body size and the largest sent first: enough
+        # to even out big and small documents, few enough that round trips stay cheap.
+        tasks = balanced_tasks([len(m.body) for m in messages], 4 * self.processes)
+        futures = [self._executor.submit(_process, [messages[i] for i in task]) for task in tasks]
+        results: list[DocumentChange | DeadLetter | None] = [None] * len(messages)
+        for task, future in zip(tasks, futures, strict=True):
+            for index, result in zip(task, future.result(), strict=True):
+                results[index] = result
+        return [r for r in results if r is not None]
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
