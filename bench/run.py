@@ -639,7 +639,7 @@ def measure_model_and_pipeline(
         "publish_s": publish_s,
         "startup_s": startup_s,
         "pipeline": drain,
-        "pipeline_batch_size": settings.embedding_batch_size_for(limit["device"]),
+        "pipeline_batch_size": settings.embedding_batch_size_for(limit["device"], limit["backend"]),
         "ratio": ratio,
         "ratio_to_limit": ratio,
         "freshness": fresh,

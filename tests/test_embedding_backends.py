@@ -166,7 +166,16 @@ def test_batch_size_defaults_per_device_unless_set() -> None:
     settings = load_settings(_env_file=None)
     assert settings.embedding_batch_size is None
     assert settings.embedding_batch_size_for("cpu") == 8
+    assert settings.embedding_batch_size_for("cpu", "fp32") == 8
+    assert settings.embedding_batch_size_for("cpu", "bf16") == 16  # AMX: faster at 16
     assert settings.embedding_batch_size_for("cuda:1") == 256
+    assert settings.embedding_batch_size_for("cuda:1", "bf16") == 256
+    assert (
+        load_settings(_env_file=None, embedding_batch_size=8).embedding_batch_size_for(
+            "cpu", "bf16"
+        )
+        == 8
+    )
     assert (
         load_settings(_env_file=None, embedding_batch_size=32).embedding_batch_size_for("cuda")
         == 32

@@ -21,11 +21,18 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 #: CPU 8 was the fastest of 8/16/32/64 in 4 of 5 benchmark sweeps; on one H100 256 gave 1,839
 #: chunks/s against 712 at 8 (issue 12); Apple GPUs sit in between.
 DEFAULT_EMBEDDING_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 256, "mps": 64}
+#: Where the backend moves the best size: bf16 on a CPU (which `auto` picks only where it is
+#: fast: AMX) was fastest at 16 in both idle sweeps on an Intel Xeon (145 and 143 chunks/s,
+#: against 109 and 126 at 8; bench/results/latest.json, batch16-idle-xeon.json).
+BACKEND_EMBEDDING_BATCH_SIZES: dict[tuple[str, str], int] = {("cpu", "bf16"): 16}
 
 
-def default_embedding_batch_size(device: str) -> int:
-    """The default batch size of a torch device (`cuda:1` counts as `cuda`)."""
-    return DEFAULT_EMBEDDING_BATCH_SIZES[device.partition(":")[0]]
+def default_embedding_batch_size(device: str, backend: str | None = None) -> int:
+    """The default batch size of a torch device (`cuda:1` counts as `cuda`) running `backend`."""
+    kind = device.partition(":")[0]
+    return BACKEND_EMBEDDING_BATCH_SIZES.get(
+        (kind, backend or ""), DEFAULT_EMBEDDING_BATCH_SIZES[kind]
+    )
 
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -64,13 +71,17 @@ class Settings(BaseSettings):
     #: auto: a GPU when torch sees one (CUDA, then Apple's MPS), else the CPU.
     embedding_device: str = "auto"
     embedding_backend: str = Field(default="auto", pattern="^(auto|fp32|fp16|bf16)$")
-    #: Unset: the device's default (DEFAULT_EMBEDDING_BATCH_SIZES).
+    #: Unset: the device's and backend's default (DEFAULT_EMBEDDING_BATCH_SIZES).
     embedding_batch_size: int | None = Field(
         default=None,
         ge=1,
         le=4096,
         description="the device's default: "
-        + ", ".join(f"{device} {size}" for device, size in DEFAULT_EMBEDDING_BATCH_SIZES.items()),
+        + ", ".join(f"{device} {size}" for device, size in DEFAULT_EMBEDDING_BATCH_SIZES.items())
+        + "".join(
+            f" ({device} {backend}: {size})"
+            for (device, backend), size in BACKEND_EMBEDDING_BATCH_SIZES.items()
+        ),
     )
     #: Processes that parse, clean and chunk (0: the Bytewax worker itself). Worth it where cores
     #: are spare, e.g. beside a GPU; on a CPU the model wants every core.
@@ -204,9 +215,9 @@ class Settings(BaseSettings):
             DataType.REPOSITORIES: self.model_repositories,
         }[data_type]
 
-    def embedding_batch_size_for(self, device: str) -> int:
-        """EMBEDDING_BATCH_SIZE, or the default of the (resolved) torch device."""
-        return self.embedding_batch_size or default_embedding_batch_size(device)
+    def embedding_batch_size_for(self, device: str, backend: str | None = None) -> int:
+        """EMBEDDING_BATCH_SIZE, or the default of the (resolved) torch device and backend."""
+        return self.embedding_batch_size or default_embedding_batch_size(device, backend)
 
     def chunk_size_for(self, data_type: DataType) -> int:
         return {

@@ -119,7 +119,7 @@ def describe_models(settings: Settings) -> dict[str, Any]:
             "model": embedder.name,
             "backend": embedder.backend,
             "device": embedder.device,
-            "batch_size": settings.embedding_batch_size_for(embedder.device),
+            "batch_size": settings.embedding_batch_size_for(embedder.device, embedder.backend),
         }
     return described
 

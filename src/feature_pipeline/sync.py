@@ -128,7 +128,7 @@ class FeatureSync:
         store: FeatureStore,
         embedder_for: Callable[[DataType], EmbeddingModel],
         metrics: Metrics,
-        embed_batch_size: int,
+        embed_batch_size: int | None,
         *,
         slice_chunks: int = SLICE_CHUNKS,
         turn_s: float | None = None,

@@ -451,7 +451,7 @@ class Embedder:
             made = self._model.token_ids([texts[i] for i in missing])
             for i, made_ids in zip(missing, made, strict=True):
                 ids[i] = made_ids
-        size = batch_size or default_embedding_batch_size(self.device)
+        size = batch_size or default_embedding_batch_size(self.device, self.backend)
         with self._lock:
             return self._model.embed_ids(ids, size)  # type: ignore[arg-type]
 

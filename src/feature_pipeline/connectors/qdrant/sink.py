@@ -32,7 +32,6 @@ from feature_pipeline.processing.embedding import (
     EmbedderFactory,
     EmbeddingModel,
     embedder_for,
-    resolve_device,
 )
 from feature_pipeline.redaction import redact
 from feature_pipeline.settings import Settings
@@ -88,12 +87,12 @@ def build_sync(
         return embedders(settings, data_type)
 
     store.ensure_collections({t: model_for(t).dimension for t in DataType})
-    batch_size = settings.embedding_batch_size_for(resolve_device(settings.embedding_device))
     return FeatureSync(
         store,
         model_for,
         counters,
-        batch_size,
+        # Unset: each model's own default (its device's and backend's).
+        settings.embedding_batch_size,
         slice_chunks=settings.slice_chunks,
         turn_s=settings.long_document_turn_s if turns else None,
     )
