@@ -11,7 +11,7 @@ import pytest
 
 from feature_pipeline.connectors.rabbitmq.continuations import ContinuationPublisher
 from feature_pipeline.connectors.rabbitmq.publisher import CONTINUED_HEADER, EventPublisher
-from feature_pipeline.connectors.rabbitmq.source import _published_at, _stamp
+from feature_pipeline.connectors.rabbitmq.source import _continued, _published_at, _stamp
 from feature_pipeline.domain.changes import DocumentChange
 from feature_pipeline.domain.events import Op
 from feature_pipeline.domain.types import DataType
@@ -59,6 +59,8 @@ def test_an_event_goes_back_to_its_queue_as_it_came(
     properties, body = _get_one(settings)
     assert body == change.body
     assert (properties.headers or {}).get(CONTINUED_HEADER) is True
+    assert _continued(properties)  # the source marks it, to take the change kept in memory
+    assert not _continued(pika.BasicProperties(headers={CONTINUED_HEADER: "yes"}))
     assert properties.delivery_mode == 2
     assert _stamp(properties) == stamp
     if published_at is None:

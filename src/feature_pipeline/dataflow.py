@@ -16,6 +16,7 @@ from bytewax.outputs import Sink
 from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
 from feature_pipeline.metrics import metrics
+from feature_pipeline.processing.continued import continued_changes
 from feature_pipeline.processing.parallel import processing_pool
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
@@ -34,12 +35,20 @@ def _process_batch(
     settings: Settings, messages: list[InboundMessage]
 ) -> list[DocumentChange | DeadLetter]:
     """Parse, clean and chunk one source batch, in order: in this worker, or on the processing
-    pool's cores (PROCESSING_PROCESSES)."""
+    pool's cores (PROCESSING_PROCESSES). A long document's continued event takes the change
+    kept from its last turn instead, when this process has it."""
     with metrics.timed("processing_seconds"):
-        if settings.processing_processes:
-            return processing_pool(settings).process(messages)
-        processor = _processor(settings)
-        return [processor.process(message) for message in messages]
+        kept = [continued_changes.take(message) for message in messages]
+        todo = [message for message, change in zip(messages, kept, strict=True) if change is None]
+        if not todo:
+            processed: list[DocumentChange | DeadLetter] = []
+        elif settings.processing_processes:
+            processed = processing_pool(settings).process(todo)
+        else:
+            processor = _processor(settings)
+            processed = [processor.process(message) for message in todo]
+        made = iter(processed)
+        return [change if change is not None else next(made) for change in kept]
 
 
 def build_dataflow(

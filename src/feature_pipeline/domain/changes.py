@@ -43,6 +43,8 @@ class InboundMessage:
     stamp: str | None = None
     #: The broker delivered it before (a crash or a lost connection put it back).
     redelivered: bool = False
+    #: A long document's event queued again by the pipeline for its next turn.
+    continued: bool = False
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from feature_pipeline.domain.changes import DeadLetter, DocumentChange
 from feature_pipeline.domain.events import replace_surrogates
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics, metrics
+from feature_pipeline.processing.continued import continued_changes
 from feature_pipeline.processing.embedding import (
     EmbedderFactory,
     EmbeddingModel,
@@ -207,6 +208,8 @@ class _FeatureStorePartition(StatefulSinkPartition[DocumentChange, None]):
         if self._continuations is None:  # the sync has turns only where continuations are wired
             raise RuntimeError(f"{unfinished[0].key} is unfinished and cannot be queued again")
         self._continuations.send(unfinished)
+        for change in unfinished:  # its next turn need not parse, clean and chunk it again
+            continued_changes.remember(change)
 
     def _dead_letter(self, refused: list[DeadLetter]) -> None:
         if self._make_dead_letters is None:

@@ -36,7 +36,11 @@ from pika.adapters.blocking_connection import BlockingChannel, BlockingConnectio
 from pika.exceptions import AMQPConnectionError, AMQPError, ChannelClosedByBroker
 from pika.spec import Basic, BasicProperties
 
-from feature_pipeline.connectors.rabbitmq.publisher import PUBLISHED_AT_HEADER, connect
+from feature_pipeline.connectors.rabbitmq.publisher import (
+    CONTINUED_HEADER,
+    PUBLISHED_AT_HEADER,
+    connect,
+)
 from feature_pipeline.connectors.rabbitmq.topology import consumed_queues, declare_topology
 from feature_pipeline.connectors.retry import RetryInterrupted, describe_error
 from feature_pipeline.domain.changes import InboundMessage
@@ -112,6 +116,7 @@ class _Consumer:
             published_at=_published_at(props),
             stamp=_stamp(props),
             redelivered=bool(method.redelivered),
+            continued=_continued(props),
         )
         with self._lock:
             if not self._buffer:
@@ -392,6 +397,11 @@ def _stamp(props: BasicProperties) -> str | None:
         return str(props.message_id)
     stamp = (props.headers or {}).get(PUBLISHED_AT_HEADER)
     return None if stamp is None else str(stamp)
+
+
+def _continued(props: BasicProperties) -> bool:
+    """Queued again by the pipeline for a long document's next turn."""
+    return (props.headers or {}).get(CONTINUED_HEADER) is True
 
 
 def _published_at(props: BasicProperties) -> float | None:
