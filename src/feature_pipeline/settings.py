@@ -108,7 +108,9 @@ class Settings(BaseSettings):
     slice_chunks: int = Field(default=512, ge=1, le=100_000)
     #: Seconds a long document may hold a worker before its event is queued again, behind the
     #: documents that waited, to resume from its last written slice (0: one slice per turn).
-    long_document_turn_s: float = Field(default=30, ge=0)
+    #: 10 MB article, two CPU cores: 5 s turns cost nothing measurable against no turns (94 s
+    #: against 92 s) and cut the longest wait of the posts behind it from 92 to 17 s.
+    long_document_turn_s: float = Field(default=5, ge=0)
     query_port: int = Field(default=8723, ge=0, le=65_535)
     #: Address the query server (search, counts, metrics) listens on. Loopback by default: it
     #: has no authentication. In a container, 0.0.0.0 lets the container network scrape it.
