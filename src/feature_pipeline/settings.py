@@ -25,6 +25,9 @@ DEFAULT_EMBEDDING_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 256, "mps": 6
 #: fast: AMX) was fastest at 16 in both idle sweeps on an Intel Xeon (145 and 143 chunks/s,
 #: against 109 and 126 at 8; bench/results/latest.json, batch16-idle-xeon.json).
 BACKEND_EMBEDDING_BATCH_SIZES: dict[tuple[str, str], int] = {("cpu", "bf16"): 16}
+#: Chunks embedded and written at a time (SLICE_CHUNKS): bounds the vectors and points a long
+#: document holds in memory, and how long the small documents of its batch wait behind it.
+DEFAULT_SLICE_CHUNKS = 512
 
 
 def default_embedding_batch_size(device: str, backend: str | None = None) -> int:
@@ -105,7 +108,7 @@ class Settings(BaseSettings):
     batch_max_wait_ms: int = Field(default=20, ge=0, le=60_000)
     epoch_interval_ms: int = Field(default=500, ge=10)
     #: Chunks embedded and written at a time: bounds the memory a long document takes.
-    slice_chunks: int = Field(default=512, ge=1, le=100_000)
+    slice_chunks: int = Field(default=DEFAULT_SLICE_CHUNKS, ge=1, le=100_000)
     #: Seconds a long document may hold a worker before its event is queued again, behind the
     #: documents that waited, to resume from its last written slice (0: one slice per turn).
     #: 10 MB article, two CPU cores: 5 s turns cost nothing measurable against no turns (94 s

@@ -49,13 +49,9 @@ from feature_pipeline.domain.features import Chunk
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
 from feature_pipeline.processing.embedding import EmbeddingModel
+from feature_pipeline.settings import DEFAULT_SLICE_CHUNKS
 
 log = logging.getLogger(__name__)
-
-#: Chunks embedded and written at a time (`SLICE_CHUNKS`): bounds the vectors and points held in
-#: memory, and how long the small documents of a batch wait behind a long one (~25 s on a 2-core
-#: CPU).
-SLICE_CHUNKS = 512
 
 
 @dataclass(frozen=True)
@@ -130,7 +126,7 @@ class FeatureSync:
         metrics: Metrics,
         embed_batch_size: int | None,
         *,
-        slice_chunks: int = SLICE_CHUNKS,
+        slice_chunks: int = DEFAULT_SLICE_CHUNKS,
         turn_s: float | None = None,
     ) -> None:
         if slice_chunks < 1:

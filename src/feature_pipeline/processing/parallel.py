@@ -8,6 +8,7 @@ import multiprocessing
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from typing import cast
 
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
 from feature_pipeline.processing.pipeline import DocumentProcessor
@@ -74,7 +75,10 @@ class ProcessingPool:
         for task, future in zip(tasks, futures, strict=True):
             for index, result in zip(task, future.result(), strict=True):
                 results[index] = result
-        return [r for r in results if r is not None]
+        missing = [i for i, result in enumerate(results) if result is None]
+        if missing:  # every index is in exactly one task (balanced_tasks): a bug if not
+            raise RuntimeError(f"the pool returned no result for messages {missing[:5]}")
+        return cast(list[DocumentChange | DeadLetter], results)
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
