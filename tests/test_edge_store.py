@@ -13,6 +13,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from qdrant_client import QdrantClient, models
 
@@ -187,4 +188,46 @@ def test_full_segments_are_indexed_and_sealed_not_merged_into_a_growing_one(
     assert segments >= 3  # ... into a segment of its own, never merged beyond 2,000 points
     for n in (0, 2_999, 5_999):  # each segment is searched
         assert store.search(DataType.POSTS, vectors[n], 1)[0].payload == {"n": n}
+    store.close()
+
+
+def test_indexed_searches_find_the_exact_top_10(tmp_path: Path) -> None:
+    # 10,000 384-d points (15 MB of vectors, past the engine's 10 MB exact-search threshold, so
+    # the segment is searched through its HNSW graph and int8 copies), drawn around 200
+    # centres so that near neighbours exist, as with real embeddings.
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((200, 384)).astype(np.float32)
+
+    def draw(n: int) -> np.ndarray:
+        v = centres[rng.integers(0, 200, n)] + rng.standard_normal((n, 384)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    vectors, queries = draw(10_000), draw(50)
+    types = ("posts", "articles", "repositories")
+    store = EdgeStore(tmp_path, segment_points=20_000, optimize_idle_s=3600)
+    store.ensure_collections({DataType.POSTS: 384})
+    for first in range(0, 10_000, 1_000):
+        store.upsert(
+            POSTS,
+            [
+                Point(
+                    str(uuid.UUID(int=n + 1)), {"n": n, "type": types[n % 3]}, vectors[n].tolist()
+                )
+                for n in range(first, first + 1_000)
+            ],
+        )
+    store.optimize(POSTS)
+    assert store.segments(POSTS)[1] == 10_000  # searched through the graph, not exactly
+
+    scores = queries @ vectors.T
+    in_type = np.arange(10_000) % 3 == 0
+    for where, allowed in ((None, None), ({"type": "posts"}, in_type)):
+        ranked = np.where(allowed, scores, -np.inf) if allowed is not None else scores
+        exact = np.argsort(-ranked, axis=1)[:, :10]
+        found = [
+            {hit.payload["n"] for hit in store.search(DataType.POSTS, q.tolist(), 10, where)}
+            for q in queries
+        ]
+        recall = np.mean([len(f & set(e.tolist())) / 10 for f, e in zip(found, exact, strict=True)])
+        assert recall >= 0.95, (where, recall)
     store.close()
