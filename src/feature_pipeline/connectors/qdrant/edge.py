@@ -29,7 +29,6 @@ from typing import IO, Any
 import qdrant_edge as edge
 
 from feature_pipeline.connectors.qdrant.store import (
-    CHUNK_INDEXED_FIELDS,
     INDEXED_FIELDS,
     SYNC_STATE_COLLECTION,
     FeatureStore,
@@ -155,7 +154,6 @@ class EdgeStore(FeatureStore):
                 self._ensure(data_type.vector_collection, size)
 
     def _ensure(self, name: str, size: int | None) -> None:
-        fields = INDEXED_FIELDS if size is None else CHUNK_INDEXED_FIELDS
         shard = self._shards.get(name)
         if shard is not None:
             if size is not None:
@@ -171,7 +169,7 @@ class EdgeStore(FeatureStore):
             self._shards[name] = shard
         # Also on an existing shard: a process killed right after creating it had none yet.
         indexed = set(shard.info().payload_schema)
-        for field in fields:
+        for field in INDEXED_FIELDS:
             if field not in indexed:
                 shard.update(
                     edge.UpdateOperation.create_field_index(field, edge.PayloadSchemaType.Keyword)

@@ -12,7 +12,6 @@ from collections.abc import Iterable, Sequence
 from qdrant_client import QdrantClient, models
 
 from feature_pipeline.connectors.qdrant.store import (
-    CHUNK_INDEXED_FIELDS,
     INDEXED_FIELDS,
     SYNC_STATE_COLLECTION,
     FeatureStore,
@@ -70,7 +69,7 @@ class ServerStore(FeatureStore):
         self._client.create_collection(
             name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE)
         )
-        self._index(name, CHUNK_INDEXED_FIELDS)
+        self._index(name, INDEXED_FIELDS)
 
     def _index(self, collection: str, fields: Iterable[str]) -> None:
         if self._is_local:
