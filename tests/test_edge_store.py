@@ -206,13 +206,12 @@ def test_indexed_searches_find_the_exact_top_10(tmp_path: Path) -> None:
     types = ("posts", "articles", "repositories")
     store = EdgeStore(tmp_path, segment_points=20_000, optimize_idle_s=3600)
     store.ensure_collections({DataType.POSTS: 384})
+    rows = vectors.tolist()
     for first in range(0, 10_000, 1_000):
         store.upsert(
             POSTS,
             [
-                Point(
-                    str(uuid.UUID(int=n + 1)), {"n": n, "type": types[n % 3]}, vectors[n].tolist()
-                )
+                Point(str(uuid.UUID(int=n + 1)), {"n": n, "type": types[n % 3]}, rows[n])
                 for n in range(first, first + 1_000)
             ],
         )
@@ -220,10 +219,9 @@ def test_indexed_searches_find_the_exact_top_10(tmp_path: Path) -> None:
     assert store.segments(POSTS)[1] == 10_000  # searched through the graph, not exactly
 
     scores = queries @ vectors.T
-    in_type = np.arange(10_000) % 3 == 0
-    for where, allowed in ((None, None), ({"type": "posts"}, in_type)):
-        ranked = np.where(allowed, scores, -np.inf) if allowed is not None else scores
-        exact = np.argsort(-ranked, axis=1)[:, :10]
+    everything, posts = np.full(10_000, True), np.arange(10_000) % 3 == 0
+    for where, allowed in ((None, everything), ({"type": "posts"}, posts)):
+        exact = np.argsort(-np.where(allowed, scores, -np.inf), axis=1)[:, :10]
         found = [
             {hit.payload["n"] for hit in store.search(DataType.POSTS, q.tolist(), 10, where)}
             for q in queries

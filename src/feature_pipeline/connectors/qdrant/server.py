@@ -7,7 +7,7 @@ API: the contract tests and the engine comparison use them where no server runs.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from qdrant_client import QdrantClient, models
 
@@ -58,7 +58,7 @@ class ServerStore(FeatureStore):
     def _ensure_payload_collection(self, name: str) -> None:
         if not self._client.collection_exists(name):
             self._client.create_collection(name, vectors_config={})
-            self._index(name, INDEXED_FIELDS)
+            self._index(name)
 
     def _ensure_vector_collection(self, name: str, size: int) -> None:
         if self._client.collection_exists(name):
@@ -69,12 +69,12 @@ class ServerStore(FeatureStore):
         self._client.create_collection(
             name, vectors_config=models.VectorParams(size=size, distance=models.Distance.COSINE)
         )
-        self._index(name, INDEXED_FIELDS)
+        self._index(name)
 
-    def _index(self, collection: str, fields: Iterable[str]) -> None:
+    def _index(self, collection: str) -> None:
         if self._is_local:
             return
-        for field in fields:
+        for field in INDEXED_FIELDS:
             self._client.create_payload_index(collection, field, models.PayloadSchemaType.KEYWORD)
 
     def collections(self) -> list[str]:
