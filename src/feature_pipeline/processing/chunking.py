@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from array import array
 from bisect import bisect_left
@@ -31,6 +32,9 @@ BATCH_CHARS = 1_000_000
 
 _first = itemgetter(0)
 _second = itemgetter(1)
+#: ASCII control characters: BERT's normalizer deletes them (tab, newline and carriage return
+#: it keeps as whitespace), which moves every later offset.
+_ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def load_tokenizer(model_path: str) -> Tokenizer:
@@ -57,6 +61,58 @@ def model_window(model_path: str) -> tuple[int, int] | None:
     post_processor = load_tokenizer(model_path).post_processor
     special = post_processor.num_special_tokens_to_add(False) if post_processor else 0
     return max_seq_length, special
+
+
+class TextEncoder:
+    """A tokenizer's encodings (no special tokens), with a shortcut for plain ASCII text.
+
+    BERT's normalizer (MiniLM's) tracks every character's alignment while it cleans, strips
+    accents and lowercases: about a third of tokenizing. On ASCII text without control
+    characters its only change is the lowercasing (whitespace it maps to spaces, which the
+    pre-tokenizer drops as it does the originals), so such a text is lowercased by Python and
+    tokenized without the normalizer: the same ids, offsets and words (tested), and code, most
+    of a repository, is all ASCII.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        normalizer = tokenizer.normalizer
+        self._plain: Tokenizer | None = None
+        self._lowercase = False
+        if isinstance(normalizer, normalizers.BertNormalizer):
+            self._plain = Tokenizer.from_str(tokenizer.to_str())
+            self._plain.normalizer = None
+            self._lowercase = bool(normalizer.lowercase)
+
+    def shortcut(self, text: str) -> str | None:
+        """What the normalizer-less tokenizer must be given for `text`; None: no shortcut."""
+        if self._plain is None or not text.isascii() or _ASCII_CONTROL.search(text):
+            return None
+        return text.lower() if self._lowercase else text
+
+    def encode(self, text: str) -> Encoding:
+        plain = self.shortcut(text)
+        if plain is None:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        assert self._plain is not None
+        return self._plain.encode(plain, add_special_tokens=False)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[Encoding]:
+        """One call per tokenizer (its Rust threads take the texts in parallel)."""
+        shortcuts = [self.shortcut(text) for text in texts]
+        plain = [i for i, s in enumerate(shortcuts) if s is not None]
+        if self._plain is None or not plain:
+            return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        encodings: list[Encoding | None] = [None] * len(texts)
+        made = self._plain.encode_batch([shortcuts[i] for i in plain], add_special_tokens=False)
+        for i, encoding in zip(plain, made, strict=True):
+            encodings[i] = encoding
+        other = [i for i, s in enumerate(shortcuts) if s is None]
+        if other:
+            made = self.tokenizer.encode_batch([texts[i] for i in other], add_special_tokens=False)
+            for i, encoding in zip(other, made, strict=True):
+                encodings[i] = encoding
+        return encodings  # type: ignore[return-value]  (every index is plain or other)
 
 
 def _json_field(path: Path, name: str) -> int | None:
@@ -198,6 +254,7 @@ class TokenSplitter:
             tokenizer.no_truncation()
             tokenizer.no_padding()
         self.tokenizer = tokenizer
+        self._encoder = TextEncoder(tokenizer)
         self.max_tokens = max_tokens
         self.overlap_tokens = overlap_tokens
         # Below half a chunk, a cut at a good separator is not worth a tiny chunk.
@@ -218,7 +275,7 @@ class TokenSplitter:
         return len(self._ids(text))
 
     def _ids(self, text: str) -> tuple[int, ...]:
-        return tuple(self.tokenizer.encode(text, add_special_tokens=False).ids)
+        return tuple(self._encoder.encode(text).ids)
 
     def split(
         self,
@@ -261,7 +318,7 @@ class TokenSplitter:
         self, requests: Sequence[SplitRequest], batch: list[int], results: list[list[TextSpan]]
     ) -> None:
         texts = [requests[i].text for i in batch]
-        encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        encodings = self._encoder.encode_batch(texts)
         for index, encoding in zip(batch, encodings, strict=True):
             results[index] = self._split_encoded(requests[index], encoding)
 
@@ -278,9 +335,7 @@ class TokenSplitter:
         # A few pieces per call keep the tokenizer's threads busy without holding them all.
         for first in range(0, len(pieces), 8):
             group = pieces[first : first + 8]
-            encodings = self.tokenizer.encode_batch(
-                [text[a:b] for a, b in group], add_special_tokens=False
-            )
+            encodings = self._encoder.encode_batch([text[a:b] for a, b in group])
             for (piece_start, _), encoding in zip(group, encodings, strict=True):
                 word_ids = [-1 if w is None else w for w in encoding.word_ids]
                 for start, end in encoding.offsets:
@@ -290,9 +345,7 @@ class TokenSplitter:
                 ids.extend(encoding.ids)
                 word_base += max(word_ids, default=-1) + 1
         if not starts:
-            return self._split_encoded(
-                request, self.tokenizer.encode(text, add_special_tokens=False)
-            )
+            return self._split_encoded(request, self._encoder.encode(text))
         return self._split_tokens(request, _Tokens(text, starts, ends, words), ids)
 
     def _split_encoded(self, request: SplitRequest, encoding: Encoding) -> list[TextSpan]:
@@ -324,7 +377,7 @@ class TokenSplitter:
         unknown = [i for i, (_, _, chunk_ids) in enumerate(packed) if chunk_ids is None]
         if unknown:
             texts = [text[packed[i][0] : packed[i][1]] for i in unknown]
-            encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+            encodings = self._encoder.encode_batch(texts)
             for i, made in zip(unknown, encodings, strict=True):
                 packed[i] = (packed[i][0], packed[i][1], self._interned(made.ids))
         return [
