@@ -1,5 +1,6 @@
-"""PROCESSING_PROCESSES: the dataflow's process step on a pool of processes gives exactly what it
-gives in the worker, in the same order, dead letters included."""
+"""PROCESSING_PROCESSES and PROCESSING_THREADS: the dataflow's process step on a pool of processes,
+or on threads, gives exactly what one thread of the worker gives, in the same order, dead letters
+included."""
 
 from __future__ import annotations
 
@@ -37,8 +38,10 @@ def _messages() -> list[InboundMessage]:
     return messages
 
 
-def _run(processes: int, messages: list[InboundMessage]) -> tuple[list, list]:
-    settings = load_settings(_env_file=None, processing_processes=processes)
+def _run(processes: int, messages: list[InboundMessage], threads: int = 1) -> tuple[list, list]:
+    settings = load_settings(
+        _env_file=None, processing_processes=processes, processing_threads=threads
+    )
     changes: list[tuple[str, DocumentChange]] = []
     dead: list[tuple[str, DeadLetter]] = []
     # Batches of 16 so the pool gets several batches, as from the broker.
@@ -60,6 +63,16 @@ def test_a_pool_of_processes_gives_the_same_changes_in_the_same_order() -> None:
     # Chunks keep their word-piece ids through the pool (they are pickled, not serialised).
     assert all(c.token_ids for _, change in pooled[0] for c in change.chunks)
     versions = [c.ts for key, c in pooled[0] if key == pooled[0][-1][0]]
+    assert versions[-2:] == [1, 2]
+
+
+def test_threads_give_the_same_changes_in_the_same_order() -> None:
+    messages = _messages()
+    one_thread = _run(0, messages, threads=1)
+    threaded = _run(0, messages, threads=3)
+    assert len(one_thread[0]) == len(messages) - 1 and len(one_thread[1]) == 1
+    assert threaded == one_thread
+    versions = [c.ts for key, c in threaded[0] if key == threaded[0][-1][0]]
     assert versions[-2:] == [1, 2]
 
 

