@@ -254,7 +254,7 @@ def _encodings(encodings: Sequence[Encoding]) -> list[tuple[list[int], list, lis
     return [(e.ids, e.offsets, e.word_ids) for e in encodings]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     texts=st.lists(
         st.one_of(
