@@ -294,6 +294,15 @@ def test_the_ascii_shortcut_is_taken_for_code_and_kept_off_other_normalizers(
     assert TextEncoder(other).shortcut("def main") is None
 
 
+def test_splitters_share_an_encoder_only_of_their_own_tokenizer(tokenizer: Tokenizer) -> None:
+    encoder = TextEncoder(tokenizer)
+    prose = TokenSplitter(tokenizer, 254, 32, encoder=encoder)
+    code = TokenSplitter(tokenizer, 128, 0, encoder=encoder)
+    assert prose.split("Hello world.")[0].ids == code.split("Hello world.")[0].ids
+    with pytest.raises(ValueError, match="another tokenizer"):
+        TokenSplitter(Tokenizer.from_str(tokenizer.to_str()), 254, 32, encoder=encoder)
+
+
 def test_code_separators_by_extension() -> None:
     python = code_separators_for("src/pkg/Module.PY")
     assert python[:2] == ["\nclass ", "\ndef "]

@@ -59,6 +59,8 @@ def build_dataflow(
 ) -> Dataflow:
     if settings.processing_processes:
         processing_pool(settings)  # started before the first message, see ProcessingPool
+    else:
+        _processor(settings).warm_up()
     flow = Dataflow(name)
     messages = op.input("read", flow, source)
     processed = op.flat_map_batch("process", messages, lambda ms: _process_batch(settings, ms))

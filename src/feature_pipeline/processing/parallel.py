@@ -22,6 +22,7 @@ _processor: DocumentProcessor | None = None
 def _start(settings: Settings) -> None:
     global _processor
     _processor = DocumentProcessor(settings)
+    _processor.warm_up()
 
 
 def _ready(_: int) -> bool:

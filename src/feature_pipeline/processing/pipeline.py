@@ -6,7 +6,6 @@ import logging
 import threading
 
 from pydantic import ValidationError
-from tokenizers import Tokenizer
 
 import feature_pipeline.processing.handlers  # noqa: F401  (registers every data type's handlers)
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
@@ -18,7 +17,7 @@ from feature_pipeline.domain.events import (
     parse_event,
 )
 from feature_pipeline.domain.types import DataType
-from feature_pipeline.processing.chunking import TokenSplitter, load_tokenizer
+from feature_pipeline.processing.chunking import TextEncoder, TokenSplitter, load_tokenizer
 from feature_pipeline.processing.embedding import resolve_model_path
 from feature_pipeline.processing.registry import MissingHandler, Step, registry
 from feature_pipeline.settings import Settings
@@ -32,7 +31,7 @@ class DocumentProcessor:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._tokenizers: dict[str, Tokenizer] = {}
+        self._encoders: dict[str, TextEncoder] = {}
         self._splitters: dict[DataType, TokenSplitter] = {}
         self._lock = threading.Lock()
 
@@ -47,14 +46,21 @@ class DocumentProcessor:
         # One tokenizer per model, not per type: the types share a model by default, and
         # loading tokenizer.json takes ~30 ms that a fresh pipeline's first batch would pay.
         path = resolve_model_path(self._settings.model_for(data_type))
-        tokenizer = self._tokenizers.get(path)
-        if tokenizer is None:
-            tokenizer = self._tokenizers[path] = load_tokenizer(path)
+        encoder = self._encoders.get(path)
+        if encoder is None:
+            encoder = self._encoders[path] = TextEncoder(load_tokenizer(path))
         return TokenSplitter(
-            tokenizer,
+            encoder.tokenizer,
             max_tokens=self._settings.chunk_size_for(data_type),
             overlap_tokens=self._settings.chunk_overlap,
+            encoder=encoder,
         )
+
+    def warm_up(self) -> None:
+        """Load every registered data type's splitter now (tokenizers, ~0.1 s), so that a fresh
+        pipeline's first message does not wait for them."""
+        for data_type in registry.data_types():
+            self.splitter_for(data_type)
 
     def process(self, message: InboundMessage) -> DocumentChange | DeadLetter:
         """Never raises for bad input: every problem with the message becomes a dead letter."""
