@@ -65,7 +65,10 @@ _models: dict[str, ZeroCostModel] = {}
 def zero_cost_embedders(settings: Settings, data_type: DataType) -> ZeroCostModel:
     """The ceiling pass's `EmbedderFactory`: one stand-in per configured model."""
     name = settings.model_for(data_type)
-    return _models.setdefault(name, ZeroCostModel(name))
+    model = _models.get(name)
+    if model is None:  # once per model, as the real factory loads each model once
+        model = _models[name] = ZeroCostModel(name)
+    return model
 
 
 def main() -> int:
