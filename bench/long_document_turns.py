@@ -32,7 +32,7 @@ from huge_document import RESULTS, SAMPLES, TARGET_MB, _vm_hwm_mb, article_docum
 
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.connectors.rabbitmq.topology import delete_topology
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import load_settings
 
@@ -100,7 +100,7 @@ def run_case(turn_s: float, article: dict[str, Any], args: argparse.Namespace, w
                 op=Op.INSERT,
                 type=DataType.ARTICLES,
                 entry_id="huge-article",
-                document={k: v for k, v in article.items() if k != "_id"},
+                document=event_document(article),
                 ts=1,
             )
             started = time.monotonic()
@@ -119,7 +119,7 @@ def run_case(turn_s: float, article: dict[str, Any], args: argparse.Namespace, w
                         op=Op.INSERT,
                         type=DataType.POSTS,
                         entry_id=f"post-{len(published)}",
-                        document={k: v for k, v in doc.items() if k != "_id"},
+                        document=event_document(doc),
                         ts=1,
                     )
                     publisher.publish([post], to_main_queue=True)

@@ -31,7 +31,7 @@ import pika
 
 from feature_pipeline.connectors.rabbitmq import topology
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import totals_from_text
 from feature_pipeline.processing.embedding import available_cores, embedder_for, resolve_device
@@ -85,7 +85,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def insert_event(data_type: DataType, document: dict[str, Any]) -> ChangeEvent:
-    body = {k: v for k, v in document.items() if k != "_id"}
+    body = event_document(document)
     return ChangeEvent(
         op=Op.INSERT, type=data_type, entry_id=str(document["_id"]), document=body, ts=1
     )

@@ -15,7 +15,7 @@ import pytest
 
 from feature_pipeline.connectors.qdrant.sink import build_sync
 from feature_pipeline.connectors.qdrant.store import FeatureStore, Point, close_stores
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
@@ -32,7 +32,7 @@ AUDIT = [sys.executable, "-m", "feature_pipeline.cli", "audit", "--postgres"]
 
 
 def body(document: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in document.items() if k != "_id"}
+    return event_document(document)
 
 
 def audit(

@@ -12,7 +12,7 @@ import pytest
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.settings import Settings
@@ -30,7 +30,7 @@ def events(prefix: str) -> list[ChangeEvent]:
             op=Op.INSERT,
             type=DataType.POSTS,
             entry_id=f"{prefix}-{doc['_id']}",
-            document={k: v for k, v in doc.items() if k != "_id"},
+            document=event_document(doc),
             ts=1,
         )
         for doc in posts

@@ -48,7 +48,7 @@ from feature_pipeline.connectors.cdc.mongo import (
 from feature_pipeline.connectors.cdc.position import FilePositionStore, PositionFileError
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.connectors.rabbitmq.topology import declare_topology
-from feature_pipeline.domain.events import ChangeEvent, Op, parse_event
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document, parse_event
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
@@ -256,7 +256,7 @@ def drain(settings: Settings) -> list[ChangeEvent]:
 
 def warehouse_state(server: ScriptedMongo) -> dict[tuple[DataType, str], Any]:
     return {
-        (COLLECTIONS[coll], str(_id)): {k: v for k, v in doc.items() if k != "_id"}
+        (COLLECTIONS[coll], str(_id)): event_document(doc)
         for coll, docs in server.docs.items()
         if coll in COLLECTIONS
         for _id, doc in docs.items()

@@ -7,6 +7,7 @@ import json
 
 from feature_pipeline import dataflow
 from feature_pipeline.domain.changes import DocumentChange, InboundMessage
+from feature_pipeline.domain.events import event_document
 from feature_pipeline.processing.continued import ContinuedChanges, continued_changes
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import load_settings
@@ -16,7 +17,7 @@ from .conftest import SAMPLES, read_jsonl
 
 def _message(entry_id: str, *, continued: bool = False, source: str = "q") -> InboundMessage:
     post = read_jsonl(SAMPLES / "posts.jsonl")[0]
-    document = {k: v for k, v in post.items() if k != "_id"}
+    document = event_document(post)
     body = {"op": "insert", "type": "posts", "entry_id": entry_id, "document": document, "ts": 1}
     return InboundMessage(source=source, body=json.dumps(body).encode(), continued=continued)
 

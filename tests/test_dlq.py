@@ -19,7 +19,7 @@ from feature_pipeline.connectors.files import DeadLetterFileSink
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.connectors.rabbitmq.redrive import DeadLetterQueue, Selection
 from feature_pipeline.domain.changes import DeadLetter
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.processing.registry import Step, registry
@@ -143,7 +143,7 @@ def test_replayed_after_the_fix_the_running_pipeline_applies_them(
             op=Op.INSERT,
             type=DataType.POSTS,
             entry_id=f"fix-{doc['_id']}",
-            document={k: v for k, v in doc.items() if k != "_id"},
+            document=event_document(doc),
             ts=1,
         )
         for doc in posts

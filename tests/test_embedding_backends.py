@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.embedding import (
     AUTO_MIN_COSINE,
@@ -43,7 +43,7 @@ def corpus_chunks() -> list[str]:
     for data_type in DataType:
         contents = []
         for document in read_jsonl(SAMPLES / f"{data_type.value}.jsonl"):
-            body = {k: v for k, v in document.items() if k != "_id"}
+            body = event_document(document)
             event = ChangeEvent(
                 op=Op.INSERT, type=data_type, entry_id=str(document["_id"]), document=body
             )

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from feature_pipeline.domain.events import InvalidEvent, Op, parse_event
+from feature_pipeline.domain.events import InvalidEvent, Op, event_document, parse_event
 from feature_pipeline.domain.types import DataType
 
 
@@ -22,6 +22,12 @@ def test_course_shape_is_an_upsert_of_the_whole_document() -> None:
     assert event.entry_id == "p1"
     assert event.document == {"platform": "linkedin", "content": {"text": "hi"}, "author_id": "a"}
     assert event.ts is None
+
+
+def test_an_event_carries_every_field_of_a_warehouse_document_but_its_id() -> None:
+    warehouse = {"_id": "p1", "platform": "linkedin", "content": {"text": "hi"}}
+    assert event_document(warehouse) == {"platform": "linkedin", "content": {"text": "hi"}}
+    assert warehouse["_id"] == "p1"  # the warehouse's copy is left as it was
 
 
 def test_envelope_round_trips() -> None:

@@ -15,7 +15,7 @@ from feature_pipeline.connectors.qdrant.sink import build_sync
 from feature_pipeline.connectors.qdrant.store import close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.domain.changes import DocumentChange
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
@@ -28,7 +28,7 @@ REPOSITORIES = read_jsonl(SAMPLES / "repositories.jsonl")[:1]
 
 
 def event(data_type: DataType, document: dict, ts: int | None, op: Op = Op.INSERT) -> ChangeEvent:
-    body = None if op is Op.DELETE else {k: v for k, v in document.items() if k != "_id"}
+    body = None if op is Op.DELETE else event_document(document)
     return ChangeEvent(op=op, type=data_type, entry_id=str(document["_id"]), document=body, ts=ts)
 
 

@@ -28,7 +28,7 @@ import pytest
 from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import DEAD_LETTER_ID_HEADER, EventPublisher
 from feature_pipeline.connectors.rabbitmq.topology import consumed_queues, router_exchange
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
@@ -333,7 +333,7 @@ def test_a_huge_document_among_small_ones_does_not_hold_them_up(tmp_path: Path) 
         op=Op.INSERT,
         type=DataType.ARTICLES,
         entry_id=f"{prefix}-article",
-        document={k: v for k, v in article_doc.items() if k != "_id"},
+        document=event_document(article_doc),
         ts=1,
     )
     posts = [
@@ -341,7 +341,7 @@ def test_a_huge_document_among_small_ones_does_not_hold_them_up(tmp_path: Path) 
             op=Op.INSERT,
             type=DataType.POSTS,
             entry_id=f"{prefix}-post-{i}",
-            document={k: v for k, v in doc.items() if k != "_id"},
+            document=event_document(doc),
             ts=1,
         )
         for i, doc in enumerate(read_jsonl(SAMPLES / "posts.jsonl")[:20])
@@ -384,7 +384,7 @@ def test_a_huge_document_among_small_ones_does_not_hold_them_up(tmp_path: Path) 
         update = article.model_copy(
             update={
                 "op": Op.UPDATE,
-                "document": {k: v for k, v in other.items() if k != "_id"},
+                "document": event_document(other),
                 "ts": 2,
             }
         )

@@ -19,7 +19,7 @@ from feature_pipeline.domain.changes import (
     InboundMessage,
     document_point_id,
 )
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
 from feature_pipeline.processing import chunking
@@ -41,7 +41,7 @@ ARTICLE = read_jsonl(SAMPLES / "articles.jsonl")[0]
 
 
 def article_message(entry_id: str, text: str, ts: int = 1) -> InboundMessage:
-    document = {k: v for k, v in ARTICLE.items() if k != "_id"}
+    document = event_document(ARTICLE)
     document["content"] = {**document["content"], "Content": text}
     body = {
         "op": "insert",
@@ -164,7 +164,7 @@ def article_change(
 
 
 def post_change(processor: DocumentProcessor, entry_id: str) -> DocumentChange:
-    document = {k: v for k, v in POST.items() if k != "_id"}
+    document = event_document(POST)
     return processor.process_event(
         ChangeEvent(op=Op.INSERT, type=DataType.POSTS, entry_id=entry_id, document=document, ts=1)
     )

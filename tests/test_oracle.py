@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.processing.pipeline import DocumentProcessor
@@ -55,7 +55,7 @@ def _base_documents() -> list[tuple[DataType, dict[str, Any]]]:
         "content": {p: t[:1500] for p, t in sorted(repository["content"].items())[:3]},
     }
     docs += [(DataType.REPOSITORIES, small_repo)]
-    return [(t, {k: v for k, v in d.items() if k != "_id"}) for t, d in docs]
+    return [(t, event_document(d)) for t, d in docs]
 
 
 BASE = _base_documents()

@@ -12,7 +12,7 @@ import pytest
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore, close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings
@@ -57,7 +57,7 @@ def test_three_types_both_shapes_mixed_batch(settings: Settings, tmp_path: Path)
     with EventPublisher(settings) as publisher:
         publisher.publish(events)  # routed, envelope shape, mixed types in one batch
         for doc in posts[3:]:  # the course's CDC: flat shape, straight to the main queue
-            body = {k: v for k, v in doc.items() if k != "_id"}
+            body = event_document(doc)
             publisher.publish_raw(
                 json.dumps({**body, "type": "posts", "entry_id": doc["_id"]}).encode()
             )

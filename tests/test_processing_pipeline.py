@@ -7,6 +7,7 @@ import json
 import pytest
 
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
+from feature_pipeline.domain.events import event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.processing.registry import Step, registry
@@ -21,7 +22,7 @@ def message(body: dict) -> InboundMessage:
 
 def test_a_valid_post_becomes_a_change_with_chunks(settings: Settings) -> None:
     post = read_jsonl(SAMPLES / "posts.jsonl")[0]
-    body = {k: v for k, v in post.items() if k != "_id"} | {"type": "posts", "entry_id": "p"}
+    body = event_document(post) | {"type": "posts", "entry_id": "p"}
     result = DocumentProcessor(settings).process(message(body))
     assert isinstance(result, DocumentChange)
     assert result.cleaned is not None and result.chunks

@@ -20,7 +20,7 @@ import pytest
 
 from feature_pipeline.connectors.qdrant.store import FeatureStore
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import CONTENT_TYPE, Metrics, totals_from_text
 from feature_pipeline.query_server import start_query_server
@@ -151,7 +151,7 @@ def test_the_status_page_in_a_browser(settings: Settings, tmp_path: Path) -> Non
                     op=Op.INSERT,
                     type=DataType.POSTS,
                     entry_id=str(doc["_id"]),
-                    document={k: v for k, v in doc.items() if k != "_id"},
+                    document=event_document(doc),
                     ts=1,
                 )
                 for doc in posts

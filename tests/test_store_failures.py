@@ -24,6 +24,7 @@ from feature_pipeline.connectors.qdrant.sink import FeatureStoreSink
 from feature_pipeline.connectors.qdrant.store import FeatureStore, Point, close_stores
 from feature_pipeline.connectors.rabbitmq.publisher import EventPublisher
 from feature_pipeline.dataflow import build_dataflow
+from feature_pipeline.domain.events import event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.settings import Settings, load_settings
 
@@ -101,7 +102,7 @@ def post_lines() -> list[str]:
     """Two good posts and two versions of the refused one, in one file (one source batch)."""
     posts = [  # a few sentences each: one chunk to embed, the test stays quick
         {
-            **{k: v for k, v in d.items() if k != "_id"},
+            **event_document(d),
             "content": {"text": d["content"]["text"][:300]},
         }
         for d in read_jsonl(SAMPLES / "posts.jsonl")

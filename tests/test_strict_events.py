@@ -15,7 +15,7 @@ import pytest
 from feature_pipeline.connectors.qdrant.sink import build_sync
 from feature_pipeline.connectors.qdrant.store import SYNC_STATE_COLLECTION, close_stores
 from feature_pipeline.domain.changes import DeadLetter, DocumentChange, InboundMessage
-from feature_pipeline.domain.events import MAX_JSON_DEPTH, InvalidEvent, parse_event
+from feature_pipeline.domain.events import MAX_JSON_DEPTH, InvalidEvent, event_document, parse_event
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings, load_settings
@@ -117,8 +117,8 @@ def test_a_lone_surrogate_in_entry_id_is_an_invalid_event() -> None:
 def test_documents_with_lone_surrogates_are_indexed_as_valid_utf8(
     local_settings: Settings,
 ) -> None:
-    post = {k: v for k, v in read_jsonl(SAMPLES / "posts.jsonl")[0].items() if k != "_id"}
-    article = {k: v for k, v in read_jsonl(SAMPLES / "articles.jsonl")[0].items() if k != "_id"}
+    post = event_document(read_jsonl(SAMPLES / "posts.jsonl")[0])
+    article = event_document(read_jsonl(SAMPLES / "articles.jsonl")[0])
     article["content"] = {**article["content"], "Content": article["content"]["Content"][:1500]}
     post["platform"] = "linkedin\ud800"
     post["content"] = {**post["content"], "text": post["content"]["text"] + " tail \udfff"}

@@ -9,7 +9,7 @@ import pytest
 from feature_pipeline.connectors.qdrant.sink import build_sync
 from feature_pipeline.connectors.qdrant.store import SYNC_STATE_COLLECTION, FeatureStore
 from feature_pipeline.domain.changes import DocumentChange
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
 from feature_pipeline.processing.embedding import embedder_for
@@ -40,7 +40,7 @@ def change(
     document: dict | None,
     ts: int | None,
 ) -> DocumentChange:
-    body = None if document is None else {k: v for k, v in document.items() if k != "_id"}
+    body = None if document is None else event_document(document)
     op = Op.DELETE if document is None else Op.UPDATE
     return processor.process_event(
         ChangeEvent(op=op, type=data_type, entry_id=entry_id, document=body, ts=ts)

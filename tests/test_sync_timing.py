@@ -4,7 +4,7 @@ writes, and uses the embedder factory it is given (the benchmark's ceiling seam)
 from __future__ import annotations
 
 from feature_pipeline.connectors.qdrant.sink import build_sync
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import Metrics
 from feature_pipeline.processing.embedding import EmbeddingModel, embedder_for
@@ -27,7 +27,7 @@ def test_apply_counts_model_and_store_seconds_with_the_given_embedders(
     sync = build_sync(settings, counters, embedders=embedders)
     assert set(asked) == set(DataType)
     document = read_jsonl(SAMPLES / "articles.jsonl")[0]
-    body = {k: v for k, v in document.items() if k != "_id"}
+    body = event_document(document)
     event = ChangeEvent(op=Op.INSERT, type=DataType.ARTICLES, entry_id="a", document=body, ts=1)
     change = DocumentProcessor(settings).process_event(event)
     report = sync.apply([change])

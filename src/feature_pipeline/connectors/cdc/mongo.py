@@ -60,7 +60,7 @@ from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from feature_pipeline.connectors.cdc.base import Batch, FatalCdcError, PositionLost
 from feature_pipeline.connectors.cdc.position import FilePositionStore
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def map_change(
         # updateLookup found nothing: the document was deleted after this update, and that
         # delete is later in the stream.
         return None
-    document = to_jsonable({k: v for k, v in full.items() if k != "_id"})
+    document = to_jsonable(event_document(full))
     return ChangeEvent(op=op, type=data_type, entry_id=entry_id, document=document, ts=ts)
 
 
@@ -529,7 +529,7 @@ class MongoSource:
                         op=Op.INSERT,
                         type=data_type,
                         entry_id=entry_id_of(document["_id"]),
-                        document=to_jsonable({k: v for k, v in document.items() if k != "_id"}),
+                        document=to_jsonable(event_document(document)),
                         ts=ts,
                     )
                 )

@@ -54,7 +54,7 @@ import psycopg
 from psycopg import sql
 
 from feature_pipeline.connectors.cdc.base import Batch, FatalCdcError, PositionLost
-from feature_pipeline.domain.events import ChangeEvent, Op
+from feature_pipeline.domain.events import ChangeEvent, Op, event_document
 from feature_pipeline.domain.types import DataType
 
 log = logging.getLogger(__name__)
@@ -343,11 +343,7 @@ class Decoder:
                 DOCUMENT_COLUMN,
             )
             return None
-        return without_id(document)
-
-
-def without_id(document: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in document.items() if k != "_id"}
+        return event_document(document)
 
 
 def _value(columns: tuple[str, ...], values: tuple[Value, ...], column: str) -> Value:
@@ -556,7 +552,7 @@ class PostgresSource:
                             op=Op.INSERT,
                             type=data_type,
                             entry_id=entry_id,
-                            document=without_id(document),
+                            document=event_document(document),
                             ts=consistent_lsn,
                         )
                         for entry_id, document in rows
@@ -582,7 +578,7 @@ class PostgresSource:
             )
             .fetchone()
         )
-        return without_id(row[0]) if row is not None and isinstance(row[0], dict) else None
+        return event_document(row[0]) if row is not None and isinstance(row[0], dict) else None
 
     # -- checks
 
