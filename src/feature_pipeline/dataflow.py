@@ -35,8 +35,9 @@ def _process_batch(
     settings: Settings, messages: list[InboundMessage]
 ) -> list[DocumentChange | DeadLetter]:
     """Parse, clean and chunk one source batch, in order: on this process's threads
-    (PROCESSING_THREADS), or on the processing pool's cores (PROCESSING_PROCESSES). A long document's continued event takes the change
-    kept from its last turn instead, when this process has it."""
+    (PROCESSING_THREADS), or on the processing pool's cores (PROCESSING_PROCESSES). A long
+    document's continued event takes the change kept from its last turn instead, when this
+    process has it."""
     with metrics.timed("processing_seconds"):
         kept = [continued_changes.take(message) for message in messages]
         todo = [message for message, change in zip(messages, kept, strict=True) if change is None]
