@@ -24,12 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # bench/ is sys.path[0] when run as a script.
-from run import SPLIT, bare_model_chunks_per_s, build_corpus, machine_info, measure_limit
+from run import SPLIT, build_corpus, machine_info, measure_limit, time_limit_again
 
 from feature_pipeline.connectors.qdrant.sink import build_sync
 from feature_pipeline.domain.changes import DocumentChange, InboundMessage
 from feature_pipeline.metrics import Metrics
-from feature_pipeline.processing.parallel import process_in_threads, processing_pool
+from feature_pipeline.processing.parallel import process_batch, start_processing
 from feature_pipeline.processing.pipeline import DocumentProcessor
 from feature_pipeline.settings import Settings, load_settings
 
@@ -37,8 +37,7 @@ from feature_pipeline.settings import Settings, load_settings
 def drain(settings: Settings, messages: list[InboundMessage]) -> dict[str, Any]:
     """Every message through processing and the sync, a source batch at a time, timed."""
     counters = Metrics()
-    processor = DocumentProcessor(settings)
-    processor.warm_up()
+    start_processing(settings)
     sync = build_sync(settings, counters)  # the models load here, before the clock
     batches = [
         messages[i : i + settings.batch_size] for i in range(0, len(messages), settings.batch_size)
@@ -47,10 +46,7 @@ def drain(settings: Settings, messages: list[InboundMessage]) -> dict[str, Any]:
     started = time.perf_counter()
     for batch in batches:
         with counters.timed("processing_seconds"):
-            if settings.processing_processes:
-                results = processing_pool(settings).process(batch)
-            else:
-                results = process_in_threads(processor, batch, settings.processing_threads)
+            results = process_batch(settings, batch)
         changes = [r for r in results if isinstance(r, DocumentChange)]
         if len(changes) != len(batch):
             raise RuntimeError("dead letters in the bench corpus")
@@ -88,13 +84,10 @@ def main() -> int:
         print("the pipeline's work in this process ...")
         pipeline = drain(settings, messages)
         print(f"  {pipeline['chunks_per_s']:.1f} chunks/s: {pipeline['percent']}")
-        after = bare_model_chunks_per_s(settings, corpus.chunks, limit["batch_size"])
-        before = limit["chunks_per_s"]
-        limit.update(
-            chunks_per_s_before=before, chunks_per_s_after=after, chunks_per_s=(before + after) / 2
-        )
+        print("the bare model again ...")
+        time_limit_again(settings, corpus, limit)
         ratio = pipeline["chunks_per_s"] / limit["chunks_per_s"]
-        print(f"the bare model again: {after:.1f} chunks/s; ratio to the mean limit {ratio:.2f}")
+        print(f"ratio to the mean limit {ratio:.2f}")
         result = {
             "command": "bench/in_process.py (no broker, no Bytewax)",
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -187,6 +187,19 @@ def bare_model_chunks_per_s(settings: Settings, chunks: list[str], batch_size: i
     return len(chunks) / (time.perf_counter() - started)
 
 
+def time_limit_again(settings: Settings, corpus: Corpus, limit: dict[str, Any]) -> None:
+    """Time the bare model again, after the drain, and make `limit.chunks_per_s` the mean of
+    both passes (`chunks_per_s_before`, `chunks_per_s_after`): a machine whose speed drifts (a
+    shared one does, by 10-15% within minutes here) is then compared at about the drain's time.
+    """
+    before = limit["chunks_per_s"]
+    after = bare_model_chunks_per_s(settings, corpus.chunks, limit["batch_size"])
+    limit.update(
+        chunks_per_s_before=before, chunks_per_s_after=after, chunks_per_s=(before + after) / 2
+    )
+    print(f"  limit: {after:.1f} chunks/s after, {before:.1f} before")
+
+
 # -- the pipeline as a subprocess ----------------------------------------------------------------
 def free_port() -> int:
     with socket.socket() as sock:
@@ -641,15 +654,8 @@ def measure_model_and_pipeline(
         peak_rss_mb = pipeline.peak_rss_mb()
     finally:
         pipeline.stop()
-    # The limit again, so that a machine whose speed drifts (a shared one does, by 10-15% within
-    # minutes here) is compared at about the drain's time: the ratio takes the mean of both.
     print("the bare model again, after the drain ...")
-    before = limit["chunks_per_s"]
-    after = bare_model_chunks_per_s(settings, corpus.chunks, limit["batch_size"])
-    limit.update(
-        chunks_per_s_before=before, chunks_per_s_after=after, chunks_per_s=(before + after) / 2
-    )
-    print(f"  limit: {after:.1f} chunks/s after, {before:.1f} before")
+    time_limit_again(settings, corpus, limit)
     ratio = drain["chunks_per_s"] / limit["chunks_per_s"]
     return {
         "limit": limit,

@@ -58,7 +58,7 @@ def test_the_process_step_uses_a_kept_change_and_keeps_the_batch_order() -> None
     kept = _change(_message("b"))
     continued_changes.remember(kept)
     try:
-        results = dataflow._process_batch(settings, messages)
+        results = dataflow._process_source_batch(settings, messages)
     finally:
         continued_changes.take(messages[1])
     assert results[1] is kept

@@ -100,18 +100,17 @@ class TextEncoder:
     def encode_batch(self, texts: Sequence[str]) -> list[Encoding]:
         """One call per tokenizer (its Rust threads take the texts in parallel)."""
         shortcuts = [self.shortcut(text) for text in texts]
-        plain = [i for i, s in enumerate(shortcuts) if s is not None]
-        if self._plain is None or not plain:
-            return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        plain = [i for i, shortcut in enumerate(shortcuts) if shortcut is not None]
+        other = [i for i, shortcut in enumerate(shortcuts) if shortcut is None]
         encodings: list[Encoding | None] = [None] * len(texts)
-        made = self._plain.encode_batch([shortcuts[i] for i in plain], add_special_tokens=False)
-        for i, encoding in zip(plain, made, strict=True):
-            encodings[i] = encoding
-        other = [i for i, s in enumerate(shortcuts) if s is None]
-        if other:
-            made = self.tokenizer.encode_batch([texts[i] for i in other], add_special_tokens=False)
-            for i, encoding in zip(other, made, strict=True):
-                encodings[i] = encoding
+        for tokenizer, indexes, inputs in (
+            (self._plain, plain, [shortcuts[i] for i in plain]),
+            (self.tokenizer, other, [texts[i] for i in other]),
+        ):
+            if tokenizer is not None and indexes:
+                made = tokenizer.encode_batch(inputs, add_special_tokens=False)
+                for i, encoding in zip(indexes, made, strict=True):
+                    encodings[i] = encoding
         return encodings  # type: ignore[return-value]  (every index is plain or other)
 
 

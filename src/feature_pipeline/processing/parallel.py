@@ -36,6 +36,36 @@ def _process(messages: list[InboundMessage]) -> list[DocumentChange | DeadLetter
 
 _thread_pools: dict[int, ThreadPoolExecutor] = {}
 _thread_pools_lock = threading.Lock()
+#: The worker process's own processor per settings (tokenizers), shared by its Bytewax workers.
+_local_processors: dict[int, DocumentProcessor] = {}
+_local_processors_lock = threading.Lock()
+
+
+def _local_processor(settings: Settings) -> DocumentProcessor:
+    with _local_processors_lock:
+        processor = _local_processors.get(id(settings))
+        if processor is None:
+            processor = _local_processors[id(settings)] = DocumentProcessor(settings)
+        return processor
+
+
+def start_processing(settings: Settings) -> None:
+    """Before the first message, so that it does not wait: the processing pool's processes
+    (PROCESSING_PROCESSES), or this process's tokenizers."""
+    if settings.processing_processes:
+        processing_pool(settings)
+    else:
+        _local_processor(settings).warm_up()
+
+
+def process_batch(
+    settings: Settings, messages: list[InboundMessage]
+) -> list[DocumentChange | DeadLetter]:
+    """Parse, clean and chunk messages, results in order: on the processing pool's processes
+    (PROCESSING_PROCESSES), else on this process's threads (PROCESSING_THREADS)."""
+    if settings.processing_processes:
+        return processing_pool(settings).process(messages)
+    return process_in_threads(_local_processor(settings), messages, settings.processing_threads)
 
 
 def process_in_threads(
