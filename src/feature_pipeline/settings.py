@@ -22,8 +22,9 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 #: chunks/s against 712 at 8 (issue 12); Apple GPUs sit in between.
 DEFAULT_EMBEDDING_BATCH_SIZES: dict[str, int] = {"cpu": 8, "cuda": 256, "mps": 64}
 #: Where the backend moves the best size: bf16 on a CPU (which `auto` picks only where it is
-#: fast: AMX) was fastest at 16 in both idle sweeps on an Intel Xeon (145 and 143 chunks/s,
-#: against 109 and 126 at 8; bench/results/latest.json, batch16-idle-xeon.json).
+#: native: AMX, AVX512-BF16) was fastest at 16 in both idle sweeps on an Intel Xeon (145 and
+#: 143 chunks/s, against 109 and 126 at 8; docs/benchmark.md, batch16-idle-xeon.json); on an
+#: AVX-512 EPYC, 8, 12 and 16 ran within 2% of each other over a whole corpus.
 BACKEND_EMBEDDING_BATCH_SIZES: dict[tuple[str, str], int] = {("cpu", "bf16"): 16}
 #: Chunks embedded and written at a time (SLICE_CHUNKS): bounds the vectors and points a long
 #: document holds in memory, and how long the small documents of its batch wait behind it.
